@@ -1,0 +1,1 @@
+"""Data recipes: pure, seeded loaders, normalisers and preference-pair generators."""

@@ -1,0 +1,129 @@
+"""The embedded verifiable task: two-digit addition asked as ``What is A + B?``.
+
+Owns the prompt space, the train/eval split, the mixed-quality demonstrations and the
+rule-based judge. Pure and seeded: the same config always yields the same rows.
+
+Split: every (A, B) pair is assigned to train or eval by a keyed hash, so the two sets are
+disjoint by construction; each set is then sampled with its own seed.
+
+Demonstrations are deliberately of mixed quality, like real SFT data: mostly correct, some
+evasive ("i do not know."), some near misses (off by 1 or 10). SFT imitates the mix; the
+judge prefers correct answers, which the preference stages then select.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from datasets import Dataset
+
+from stages.core.schema import ToyTaskConfig
+
+OPERANDS = range(10, 100)
+EVASIVE_REPLY = "i do not know."
+_FIRST_INT = re.compile(r"-?\d+")
+_PROMPT = re.compile(r"What is (\d+) \+ (\d+)\?")
+
+
+@dataclass(frozen=True)
+class AdditionProblem:
+    a: int
+    b: int
+
+    @property
+    def answer(self) -> int:
+        return self.a + self.b
+
+    @property
+    def prompt(self) -> str:
+        return f"What is {self.a} + {self.b}?"
+
+    def messages(self) -> list[dict[str, str]]:
+        return [{"role": "user", "content": self.prompt}]
+
+
+def correct_reply(problem: AdditionProblem) -> str:
+    return f"{problem.answer}."
+
+
+def _is_eval_pair(a: int, b: int, eval_fraction: float) -> bool:
+    # Keyed hash, not the sampling seed: the split never changes when seeds do.
+    digest = hashlib.sha256(f"alignpipe-toy-split:{a}+{b}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < eval_fraction
+
+
+def problems(cfg: ToyTaskConfig, split: str) -> list[AdditionProblem]:
+    """Sample problems for ``split`` ("train" or "eval") from its own disjoint pool."""
+    if split not in ("train", "eval"):
+        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    want_eval = split == "eval"
+    pool = [
+        AdditionProblem(a, b)
+        for a in OPERANDS
+        for b in OPERANDS
+        if _is_eval_pair(a, b, cfg.eval_fraction) == want_eval
+    ]
+    rng = random.Random(cfg.eval_seed if want_eval else cfg.train_seed)
+    count = cfg.num_eval if want_eval else cfg.num_train
+    if want_eval:  # distinct held-out prompts
+        return rng.sample(pool, min(count, len(pool)))
+    return [rng.choice(pool) for _ in range(count)]
+
+
+def demonstration_reply(problem: AdditionProblem, rng: random.Random, cfg: ToyTaskConfig) -> str:
+    """One demonstration reply drawn from the configured quality mix."""
+    roll = rng.random()
+    if roll < cfg.frac_correct:
+        return correct_reply(problem)
+    if roll < cfg.frac_correct + cfg.frac_evasive:
+        return EVASIVE_REPLY
+    offset = rng.choice((-10, -1, 1, 10))
+    return f"{problem.answer + offset}."
+
+
+def sft_dataset(cfg: ToyTaskConfig) -> Dataset:
+    """Conversational SFT rows (``messages``) of mixed quality from the train pool."""
+    rng = random.Random(cfg.train_seed * 7919 + 17)
+    rows = [
+        {
+            "messages": [
+                *p.messages(),
+                {"role": "assistant", "content": demonstration_reply(p, rng, cfg)},
+            ]
+        }
+        for p in problems(cfg, "train")
+    ]
+    return Dataset.from_list(rows)
+
+
+def eval_prompts(cfg: ToyTaskConfig) -> list[AdditionProblem]:
+    """Held-out problems; never seen in training."""
+    return problems(cfg, "eval")
+
+
+def first_integer(text: str) -> int | None:
+    match = _FIRST_INT.search(text)
+    return int(match.group()) if match else None
+
+
+def judge(problem: AdditionProblem, reply: str) -> float:
+    """Rule-based judge: 1.0 when the first integer in the reply equals A + B, else 0.0."""
+    return 1.0 if first_integer(reply) == problem.answer else 0.0
+
+
+def parse_prompt(prompt: str | list[dict[str, str]]) -> AdditionProblem | None:
+    """Recover the problem from a prompt string or chat messages (last user turn)."""
+    if not isinstance(prompt, str):
+        users = [m["content"] for m in prompt if m.get("role") == "user"]
+        prompt = users[-1] if users else ""
+    match = _PROMPT.search(prompt)
+    return AdditionProblem(int(match.group(1)), int(match.group(2))) if match else None
+
+
+def accuracy(problems_and_replies: Iterable[tuple[AdditionProblem, str]]) -> float:
+    scores = [judge(p, r) for p, r in problems_and_replies]
+    return sum(scores) / max(len(scores), 1)

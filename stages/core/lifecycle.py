@@ -1,0 +1,147 @@
+"""The life of one stage run: validate, skip-or-resume, track, and commit with DONE.
+
+Every stage recipe follows the same shape::
+
+    stage = StageRun.begin(cfg, "sft")
+    if stage.finished:            # DONE and not force: a no-op
+        return stage.metrics
+    with stage:                   # opens W&B, times the run, closes W&B even on failure
+        ...                       # the recipe
+        stage.finish(loaded, tokenizer, metrics, data=...)
+    return stage.metrics
+
+``finish`` saves ``final/``, then metrics.json, manifest.json and DONE, in that order, on the
+main process only; so an interrupted stage is never marked done and re-running it resumes
+from its last complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from stages.core import handoff
+from stages.core.handoff import ParentStage
+from stages.core.runtime import Precision, is_main_process, resolve_precision, seed_everything
+from stages.core.schema import Config, ConfigError, validate_config
+from stages.core.tracking import StageTracker
+
+log = logging.getLogger(__name__)
+
+
+class StageRun:
+    """Run directory, config, parent, tracking and manifest of one stage run."""
+
+    def __init__(self, cfg: Config, raw: DictConfig) -> None:
+        self.cfg = cfg
+        self.resolved_config: dict[str, Any] = OmegaConf.to_container(raw, resolve=True)  # type: ignore[assignment]
+        self.name: str = cfg.stage.name
+        self.run_dir = handoff.stage_dir(
+            cfg.paths.runs_root, cfg.experiment_name, self.name, cfg.paths.variant
+        )
+        self.precision: Precision = resolve_precision(cfg.precision)
+        self.metrics: dict[str, Any] = {}
+        self.parent: ParentStage | None = None
+        self.resume_checkpoint: Path | None = None
+        self.finished = False
+        self.manifest_extra: dict[str, Any] = {}
+        self._started = 0.0
+        self.tracker = StageTracker(
+            cfg.tracking,
+            experiment=cfg.experiment_name,
+            stage=self.name,
+            run_dir=self.run_dir,
+            config=self.resolved_config,
+            name="/".join(p for p in (cfg.experiment_name, self.name, cfg.paths.variant) if p),
+        )
+
+    @classmethod
+    def begin(cls, raw: DictConfig, expected_stage: str) -> StageRun:
+        """Validate the config, then decide: no-op (finished), fresh start, or resume."""
+        cfg = validate_config(raw)
+        if cfg.stage.name != expected_stage:
+            raise ConfigError(f"stage.name={cfg.stage.name!r} but this is the {expected_stage} stage")
+        run = cls(cfg, raw)
+        if handoff.is_done(run.run_dir) and not cfg.force:
+            run.finished = True
+            run.metrics = handoff.read_metrics(run.run_dir)
+            log.info(
+                "%s is already DONE: nothing to do (force=true re-runs it)", run.run_dir
+            )
+            return run
+        if cfg.force and is_main_process():
+            handoff.reset_run_dir(run.run_dir)
+        run.resume_checkpoint = handoff.last_complete_checkpoint(run.run_dir)
+        if run.resume_checkpoint is not None:
+            log.info("resuming %s from %s", run.name, run.resume_checkpoint)
+        if cfg.stage.parent is not None:
+            run.parent = handoff.resolve_parent(
+                cfg.paths.runs_root, cfg.experiment_name, cfg.stage.parent, child=run.name
+            )
+        # Seed before any model is built: with this, CPU runs are bit-reproducible.
+        seed_everything(cfg.seed)
+        return run
+
+    @property
+    def final_dir(self) -> Path:
+        return self.run_dir / handoff.FINAL
+
+    def __enter__(self) -> StageRun:
+        self._started = time.time()
+        if is_main_process():
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.tracker.__enter__()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.tracker.__exit__(exc_type, exc, tb)
+
+    def finish(
+        self,
+        *,
+        kind: str,
+        base_model: dict[str, Any],
+        metrics: dict[str, Any],
+        data: dict[str, Any],
+        save: Any,
+    ) -> None:
+        """Save ``final/`` via ``save(final_dir)``, then the manifest and DONE (main process)."""
+        self.metrics = metrics
+        self.tracker.summarize(metrics)
+        if not is_main_process():
+            return
+        save(self.final_dir)
+        finished = time.time()
+        manifest = {
+            "stage": self.name,
+            "experiment": self.cfg.experiment_name,
+            "variant": self.cfg.paths.variant or None,
+            "parent": self.parent.as_manifest_ref() if self.parent else None,
+            "base_model": base_model,
+            "kind": kind,
+            "config": self.resolved_config,
+            "data": data,
+            "seed": self.cfg.seed,
+            "precision": self.precision.name,
+            "resumed_from": str(self.resume_checkpoint) if self.resume_checkpoint else None,
+            "versions": handoff.package_versions(),
+            "git": handoff.git_state(),
+            "timings": {
+                "started": self._started,
+                "finished": finished,
+                "seconds": round(finished - self._started, 2),
+            },
+            **self.manifest_extra,
+        }
+        handoff.finalize_stage(self.run_dir, manifest, metrics)
+        log.info("%s DONE -> %s", self.name, self.run_dir)

@@ -1,0 +1,283 @@
+"""All model loading, in one place: full weights, LoRA, QLoRA, and parent checkpoints.
+
+A stage asks for a *trainable* model given the experiment config and (optionally) its parent
+stage; this module decides how to build it:
+
+=================  =====================================================================
+parent             what gets built
+=================  =====================================================================
+none (SFT)         base model -> full weights, or a fresh LoRA adapter (4-bit base for QLoRA)
+full checkpoint    the parent's weights become the base -> full, or a fresh adapter
+adapter, continue  the parent's base + the parent adapter, trainable (DPO: TRL keeps a frozen
+                   copy of it as the reference, so reference = SFT policy)
+adapter, merge     base + parent adapter merged in full precision (saved once under the run
+                   dir, so QLoRA can re-quantise it) -> full, or a fresh adapter
+=================  =====================================================================
+
+Nothing trusts remote code unless model.trust_remote_code is set.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from stages.core.handoff import HandoffError, ParentStage, check_same_base
+from stages.core.runtime import Precision, is_main_process
+from stages.core.schema import ModelConfig, PathsConfig, PeftConfig
+from stages.core.tiny_model import ensure_tiny_model, spec_hash
+
+log = logging.getLogger(__name__)
+
+BASE_MODEL_FILE = "alignpipe_base_model.json"
+MERGED_PARENT_DIR = "merged_parent"
+TASKS = ("causal_lm", "seq_cls")
+
+
+@dataclass(frozen=True)
+class BaseModelRef:
+    """Identity of the pretrained base an experiment starts from."""
+
+    id: str  # stable identity recorded in manifests ("Qwen/..." or "builtin:tiny-llama-<hash>")
+    path: str  # what from_pretrained receives (hub id or local directory)
+    revision: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def resolve_base_model(model_cfg: ModelConfig, paths: PathsConfig) -> BaseModelRef:
+    """Hub id / local path as given; the embedded tiny model is built on first use."""
+    if model_cfg.name_or_path.startswith("builtin:"):
+        if model_cfg.name_or_path != "builtin:tiny":
+            raise ValueError(
+                f"model.name_or_path={model_cfg.name_or_path!r}: the only built-in is 'builtin:tiny'"
+            )
+        assert model_cfg.tiny is not None  # checked by the schema
+        path = ensure_tiny_model(model_cfg.tiny, paths.builtin_models).resolve()
+        return BaseModelRef(id=f"builtin:tiny-llama-{spec_hash(model_cfg.tiny)}", path=str(path))
+    return BaseModelRef(
+        id=model_cfg.name_or_path, path=model_cfg.name_or_path, revision=model_cfg.revision
+    )
+
+
+def load_tokenizer(source: str | Path, model_cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    """Tokenizer with a pad token (falls back to EOS) and a chat template checked present."""
+    tokenizer = AutoTokenizer.from_pretrained(
+        str(source), revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code
+    )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not tokenizer.chat_template:
+        raise ValueError(
+            f"the tokenizer of {source} has no chat template; pick an instruct checkpoint or "
+            "add one (tokenizer.chat_template) before training on chat data"
+        )
+    return tokenizer
+
+
+def compute_dtype(peft_cfg: PeftConfig, precision: Precision) -> torch.dtype:
+    """Dtype of 4-bit matmuls. bf16 by default: fp32 compute mixes dtypes on CPU and fails."""
+    if peft_cfg.bnb_4bit_compute_dtype == "auto":
+        return torch.float16 if precision.name == "fp16" else torch.bfloat16
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
+        peft_cfg.bnb_4bit_compute_dtype
+    ]
+
+
+def quantization_config(peft_cfg: PeftConfig, precision: Precision) -> BitsAndBytesConfig | None:
+    if peft_cfg.kind != "qlora":
+        return None
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=peft_cfg.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=peft_cfg.bnb_4bit_use_double_quant,
+        bnb_4bit_compute_dtype=compute_dtype(peft_cfg, precision),
+    )
+
+
+def lora_config(peft_cfg: PeftConfig, model_cfg: ModelConfig, task: str) -> LoraConfig:
+    return LoraConfig(
+        r=peft_cfg.r,
+        lora_alpha=peft_cfg.alpha,
+        lora_dropout=peft_cfg.dropout,
+        target_modules=list(peft_cfg.target_modules or model_cfg.lora_target_modules),
+        task_type="CAUSAL_LM" if task == "causal_lm" else "SEQ_CLS",
+        # SEQ_CLS adapters save the new score head through modules_to_save automatically.
+    )
+
+
+def _from_pretrained(
+    path: str | Path,
+    *,
+    task: str,
+    model_cfg: ModelConfig,
+    peft_cfg: PeftConfig,
+    precision: Precision,
+    revision: str | None,
+    pad_token_id: int | None,
+) -> PreTrainedModel:
+    quant = quantization_config(peft_cfg, precision)
+    kwargs: dict[str, Any] = {
+        "revision": revision,
+        "trust_remote_code": model_cfg.trust_remote_code,
+        # Quantised layers compute in bf16; the rest (norms, head) must match it.
+        "dtype": compute_dtype(peft_cfg, precision) if quant else precision.torch_dtype,
+    }
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+    if model_cfg.attn_implementation:
+        kwargs["attn_implementation"] = model_cfg.attn_implementation
+    if task == "causal_lm":
+        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(path), num_labels=1, **kwargs
+        )
+        model.config.pad_token_id = pad_token_id  # needed to find the last real token
+    return model
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for a trainer, plus what the manifest should say about how it was built."""
+
+    model: PreTrainedModel | PeftModel
+    base: BaseModelRef  # the pretrained weights the trained parameters sit on
+    kind: str  # full | lora | qlora
+    provenance: dict[str, Any]  # how it was built (parent adapter continued / merged, ...)
+
+
+def _merged_parent_dir(
+    parent: ParentStage,
+    run_dir: Path,
+    model_cfg: ModelConfig,
+    precision: Precision,
+) -> Path:
+    """Merge the parent's adapter into its base in full precision, saved once under run_dir."""
+    target = run_dir / MERGED_PARENT_DIR
+    marker = target / "alignpipe_merged_from.json"
+    if marker.is_file() and json.loads(marker.read_text())["sha"] == parent.manifest_sha256:
+        return target
+    base = parent.base_model
+    full_precision = Precision("fp32", torch.float32) if precision.name == "fp32" else precision
+    model = AutoModelForCausalLM.from_pretrained(
+        base["path"],
+        revision=base.get("revision"),
+        dtype=full_precision.torch_dtype,
+        trust_remote_code=model_cfg.trust_remote_code,
+    )
+    merged = PeftModel.from_pretrained(model, str(parent.final_dir)).merge_and_unload()
+    if is_main_process():
+        merged.save_pretrained(target)
+        tokenizer = AutoTokenizer.from_pretrained(str(parent.final_dir))
+        tokenizer.save_pretrained(target)
+        marker.write_text(json.dumps({"sha": parent.manifest_sha256, "from": str(parent.run_dir)}))
+    return target
+
+
+def load_trainable_model(
+    *,
+    model_cfg: ModelConfig,
+    peft_cfg: PeftConfig,
+    paths: PathsConfig,
+    precision: Precision,
+    run_dir: Path,
+    stage: str,
+    task: str = "causal_lm",
+    parent: ParentStage | None = None,
+    parent_adapter: str = "continue",
+    pad_token_id: int | None = None,
+) -> LoadedModel:
+    """Build the model a stage trains, following the table in the module docstring."""
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    base = resolve_base_model(model_cfg, paths)
+    load = dict(
+        task=task, model_cfg=model_cfg, peft_cfg=peft_cfg, precision=precision,
+        pad_token_id=pad_token_id,
+    )  # fmt: skip
+    provenance: dict[str, Any] = {"parent_adapter": None, "fresh_adapter": False}
+
+    if parent is not None:
+        check_same_base(parent, base.id, child=stage)
+
+    if parent is None:
+        model = _from_pretrained(base.path, revision=base.revision, **load)
+        weights_base = base
+    elif parent.kind == "full":
+        # The parent's full weights are the new base for this stage.
+        model = _from_pretrained(parent.final_dir, revision=None, **load)
+        weights_base = BaseModelRef(id=base.id, path=str(parent.final_dir.resolve()))
+        provenance["parent_weights"] = "full"
+    elif parent_adapter == "continue":
+        if peft_cfg.kind == "none":
+            raise HandoffError(
+                f"parent '{parent.stage}' is a {parent.kind} adapter but peft=none: set "
+                f"stage.parent_adapter=merge to train full weights, or use peft={parent.kind}"
+            )
+        if task != "causal_lm":
+            raise HandoffError(
+                f"stage '{stage}' builds a new head and cannot continue the parent's "
+                "causal-LM adapter: set stage.parent_adapter=merge"
+            )
+        model = _from_pretrained(base.path, revision=base.revision, **load)
+        if peft_cfg.kind == "qlora":
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        model = PeftModel.from_pretrained(model, str(parent.final_dir), is_trainable=True)
+        provenance["parent_adapter"] = "continued"
+        log.info("continuing %s adapter from %s", parent.kind, parent.final_dir)
+        return LoadedModel(model, base, peft_cfg.kind, provenance)
+    else:  # merge
+        merged = _merged_parent_dir(parent, run_dir, model_cfg, precision)
+        model = _from_pretrained(merged, revision=None, **load)
+        weights_base = BaseModelRef(id=base.id, path=str(merged.resolve()))
+        provenance["parent_adapter"] = "merged"
+
+    if peft_cfg.kind == "none":
+        return LoadedModel(model, weights_base, "full", provenance)
+    if peft_cfg.kind == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    model = get_peft_model(model, lora_config(peft_cfg, model_cfg, task))
+    provenance["fresh_adapter"] = True
+    return LoadedModel(model, weights_base, peft_cfg.kind, provenance)
+
+
+def save_final(
+    loaded: LoadedModel, tokenizer: PreTrainedTokenizerBase, final_dir: Path, *, model: Any = None
+) -> None:
+    """save_pretrained the trained model (or adapter) + tokenizer with its chat template.
+
+    Adapters record their base with an absolute path, plus ``alignpipe_base_model.json``,
+    so AutoPeftModel*.from_pretrained(final_dir) rebuilds them without our code.
+    """
+    model = model if model is not None else loaded.model
+    final_dir.mkdir(parents=True, exist_ok=True)
+    if isinstance(model, PeftModel):
+        for adapter_cfg in model.peft_config.values():
+            adapter_cfg.base_model_name_or_path = loaded.base.path
+    model.save_pretrained(final_dir)
+    tokenizer.save_pretrained(final_dir)
+    (final_dir / BASE_MODEL_FILE).write_text(
+        json.dumps({"kind": loaded.kind, "base_model": loaded.base.as_dict()}, indent=2)
+    )
+
+
+def trainable_parameter_count(model: torch.nn.Module) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

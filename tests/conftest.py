@@ -1,0 +1,64 @@
+"""Shared test fixtures: Hydra composition against the real conf/ tree, tiny fast settings."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.core.global_hydra import GlobalHydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from stages.core.schema import register_configs  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO / "conf"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+register_configs()
+
+# Small but real: enough steps for the loss to fall, few enough for seconds on 2 cores.
+FAST = [
+    "tracking=none",
+    "data.toy.num_train=512",
+    "data.toy.num_eval=16",
+    "stage.max_steps=12",
+    "stage.per_device_batch_size=8",
+    "stage.logging_steps=2",
+    "stage.save_steps=6",
+]
+
+
+@pytest.fixture(scope="session")
+def builtin_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One tiny base model per test session, shared by every test."""
+    return tmp_path_factory.mktemp("builtin")
+
+
+ComposeFn = Callable[..., DictConfig]
+
+
+@pytest.fixture
+def compose_cfg(tmp_path: Path, builtin_models_dir: Path) -> Iterator[ComposeFn]:
+    """compose_cfg(*overrides, fast=True) -> the composed config with runs under tmp_path."""
+
+    def _compose(*overrides: str, fast: bool = True) -> DictConfig:
+        base = [
+            f"paths.runs_root={tmp_path / 'runs'}",
+            f"paths.builtin_models={builtin_models_dir}",
+        ]
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose(
+                config_name="config", overrides=[*base, *(FAST if fast else []), *overrides]
+            )
+
+    yield _compose
+    GlobalHydra.instance().clear()
