@@ -37,7 +37,7 @@ def trainer_arguments(stage: StageRun) -> dict[str, Any]:
         "report_to": stage.tracker.report_to,
         "run_name": stage.tracker.name,
         "use_cpu": use_cpu(),
-        "gradient_checkpointing": False,
+        "activation_checkpointing": False,
         "dataloader_num_workers": 0,
         "disable_tqdm": False,
         **stage.precision.trainer_flags,

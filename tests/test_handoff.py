@@ -1,0 +1,64 @@
+"""Stage handoff: resolver errors name the make target; DONE is the commit point."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from stages import sft
+from stages.core import handoff
+from stages.core.handoff import HandoffError, last_complete_checkpoint
+from stages.core.lifecycle import StageRun
+
+
+def test_missing_parent_names_the_make_target(compose_cfg) -> None:
+    with pytest.raises(HandoffError) as err:
+        StageRun.begin(compose_cfg("stage=dpo"), "dpo")
+    message = str(err.value)
+    assert "make sft EXP=toy" in message and "does not exist" in message
+
+
+def test_incomplete_parent_says_to_resume(compose_cfg, tmp_path) -> None:
+    (tmp_path / "runs" / "toy" / "sft" / "checkpoint-6").mkdir(parents=True)
+    with pytest.raises(HandoffError, match=r"incomplete .*Run `make sft EXP=toy` again"):
+        StageRun.begin(compose_cfg("stage=dpo"), "dpo")
+
+
+def test_finished_parent_resolves_through_its_manifest(compose_cfg, tmp_path) -> None:
+    sft.run(compose_cfg())
+    run = StageRun.begin(compose_cfg("stage=dpo"), "dpo")
+    assert run.parent is not None and run.parent.stage == "sft"
+    manifest_path = tmp_path / "runs" / "toy" / "sft" / "manifest.json"
+    assert run.parent.manifest_sha256 == handoff.file_sha256(manifest_path)
+    assert run.parent.kind == "full"
+
+
+def test_base_model_mismatch_fails_before_weights_load(compose_cfg, tmp_path) -> None:
+    sft.run(compose_cfg())
+    parent = StageRun.begin(compose_cfg("stage=dpo"), "dpo").parent
+    assert parent is not None
+    with pytest.raises(HandoffError, match=r"base-model mismatch.*Qwen/Qwen2.5-0.5B-Instruct"):
+        handoff.check_same_base(parent, "Qwen/Qwen2.5-0.5B-Instruct", child="dpo")
+
+
+def test_done_is_refused_without_final(tmp_path) -> None:
+    with pytest.raises(HandoffError, match="refusing to mark"):
+        handoff.finalize_stage(tmp_path, {"stage": "sft"}, {"x": 1})
+    assert not (tmp_path / handoff.DONE).exists()
+
+
+def test_unreadable_parent_manifest_is_a_clear_error(compose_cfg, tmp_path) -> None:
+    sft.run(compose_cfg())
+    (tmp_path / "runs" / "toy" / "sft" / "manifest.json").write_text("{not json")
+    with pytest.raises(HandoffError, match=r"unreadable.*force=true"):
+        StageRun.begin(compose_cfg("stage=dpo"), "dpo")
+
+
+def test_last_complete_checkpoint_skips_partial_ones(tmp_path) -> None:
+    for step, complete in ((5, True), (10, True), (15, False)):
+        ckpt = tmp_path / f"checkpoint-{step}"
+        ckpt.mkdir()
+        if complete:
+            (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    assert last_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-10"
