@@ -7,8 +7,10 @@ Split: every (A, B) pair is assigned to train or eval by a keyed hash, so the tw
 disjoint by construction; each set is then sampled with its own seed.
 
 Demonstrations are deliberately of mixed quality, like real SFT data: mostly correct, some
-evasive ("i do not know."), some near misses (off by 1 or 10). SFT imitates the mix; the
-judge prefers correct answers, which the preference stages then select.
+evasive ("i do not know."), some near misses (off by 1 or 10), and the demonstrators give up
+more often on hard prompts (a carry in the ones digits). SFT imitates the mix, so greedy
+decoding evades on hard prompts while sampling often answers them; the judge prefers correct
+answers, which the preference stages then select.
 """
 
 from __future__ import annotations
@@ -37,6 +39,11 @@ class AdditionProblem:
     @property
     def answer(self) -> int:
         return self.a + self.b
+
+    @property
+    def has_carry(self) -> bool:
+        """The "hard" prompts: the ones digits carry into the tens."""
+        return self.a % 10 + self.b % 10 >= 10
 
     @property
     def prompt(self) -> str:
@@ -76,10 +83,14 @@ def problems(cfg: ToyTaskConfig, split: str) -> list[AdditionProblem]:
 
 def demonstration_reply(problem: AdditionProblem, rng: random.Random, cfg: ToyTaskConfig) -> str:
     """One demonstration reply drawn from the configured quality mix."""
+    if problem.has_carry:
+        p_correct, p_evasive = cfg.hard_frac_correct, cfg.hard_frac_evasive
+    else:
+        p_correct, p_evasive = cfg.frac_correct, cfg.frac_evasive
     roll = rng.random()
-    if roll < cfg.frac_correct:
+    if roll < p_correct:
         return correct_reply(problem)
-    if roll < cfg.frac_correct + cfg.frac_evasive:
+    if roll < p_correct + p_evasive:
         return EVASIVE_REPLY
     offset = rng.choice((-10, -1, 1, 10))
     return f"{problem.answer + offset}."

@@ -73,16 +73,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "train/steps": trainer.state.global_step,
             "train/runtime_s": train_output.metrics.get("train_runtime"),
         }
+        samples: list[dict[str, Any]] = []
         if c.data.sft.source == "toy":
-            metrics.update(
-                toy_task_metrics(
-                    trainer.model,
-                    tokenizer,
-                    c.data.toy,
-                    c.model,
-                    num_samples_logged=knobs.num_eval_samples_logged,
-                )
+            toy_metrics, samples = toy_task_metrics(
+                trainer.model,
+                tokenizer,
+                c.data.toy,
+                c.model,
+                num_samples_logged=knobs.num_eval_samples_logged,
             )
+            metrics.update(toy_metrics)
             log.info("sft held-out greedy accuracy: %.3f", metrics["eval/accuracy"])
 
         # 6. Hand off: final/, metrics.json, manifest.json, DONE.
@@ -95,5 +95,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             metrics=metrics,
             data=data_info,
             save=save,
+            eval_samples=samples,
         )
     return stage.metrics

@@ -70,7 +70,7 @@ def test_top_level_typo_fails(compose_cfg) -> None:
 
 
 def test_cross_field_checks_run_before_any_weights(compose_cfg) -> None:
-    cfg = compose_cfg("data.toy.frac_correct=0.9")
+    cfg = compose_cfg("data.toy.frac_correct=0.9")  # easy mix no longer sums to 1
     with pytest.raises(ConfigError, match=r"data\.toy\.frac_correct"):
         validate_config(cfg)
     cfg = compose_cfg("peft.kind=qlorra")

@@ -33,7 +33,7 @@ def test_demonstrations_follow_the_configured_mix() -> None:
         else:
             assert abs(toy.first_integer(reply) - problem.answer) in (1, 10)
             kinds["near"] += 1
-    assert kinds["correct"] / 4000 == pytest.approx(0.60, abs=0.03)
+    assert kinds["correct"] / 4000 == pytest.approx(0.60, abs=0.03)  # 0.55*0.85 + 0.45*0.30
     assert kinds["evasive"] / 4000 == pytest.approx(0.25, abs=0.03)
     assert kinds["near"] / 4000 == pytest.approx(0.15, abs=0.03)
     assert toy.sft_dataset(cfg)[:5] == rows[:5]  # seeded
@@ -49,5 +49,5 @@ def test_judge_checks_the_first_integer(reply: str, score: float) -> None:
 
 
 def test_mix_must_sum_to_one() -> None:
-    with pytest.raises(ValueError, match="must sum to 1"):
-        ToyTaskConfig(frac_correct=0.5)
+    with pytest.raises(ValueError, match="sum to 1"):
+        ToyTaskConfig(hard_frac_correct=0.5)

@@ -32,6 +32,7 @@ DONE = "DONE"
 MANIFEST = "manifest.json"
 METRICS = "metrics.json"
 FINAL = "final"
+EVAL_SAMPLES = "eval_samples.jsonl"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 TRACKED_PACKAGES = (
     "torch",
@@ -70,6 +71,15 @@ def write_json_atomic(path: Path, payload: Any) -> None:
     os.replace(tmp, path)
 
 
+def write_jsonl_atomic(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
 def file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -88,7 +98,7 @@ def last_complete_checkpoint(run_dir: Path) -> Path | None:
 
 def reset_run_dir(run_dir: Path) -> None:
     """force=true: drop a previous result so nothing stale is mistaken for the new one."""
-    for name in (DONE, MANIFEST, METRICS):
+    for name in (DONE, MANIFEST, METRICS, EVAL_SAMPLES):
         (run_dir / name).unlink(missing_ok=True)
     for child in run_dir.glob("*") if run_dir.is_dir() else ():
         if child.is_dir() and (child.name == FINAL or _CHECKPOINT.match(child.name)):

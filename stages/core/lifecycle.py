@@ -114,13 +114,20 @@ class StageRun:
         metrics: dict[str, Any],
         data: dict[str, Any],
         save: Any,
+        eval_samples: list[dict[str, Any]] | None = None,
     ) -> None:
-        """Save ``final/`` via ``save(final_dir)``, then the manifest and DONE (main process)."""
+        """Save ``final/`` via ``save(final_dir)``, then the manifest and DONE (main process).
+
+        ``eval_samples`` (held-out prompts with the replies the metrics were computed from)
+        go to ``eval_samples.jsonl`` so anyone can re-score them with their own judge.
+        """
         self.metrics = metrics
         self.tracker.summarize(metrics)
         if not is_main_process():
             return
         save(self.final_dir)
+        if eval_samples:
+            handoff.write_jsonl_atomic(self.run_dir / handoff.EVAL_SAMPLES, eval_samples)
         finished = time.time()
         manifest = {
             "stage": self.name,

@@ -124,22 +124,28 @@ class ToyTaskConfig:
 
     num_train: int = 20000  # SFT demonstrations; more = more diverse prompts, longer epochs
     num_eval: int = 200  # held-out prompts for accuracy; more = tighter estimate, slower eval
-    # Demonstration mix (must sum to 1): real SFT data is of mixed quality, which gives the
-    # preference stages a behaviour to select.
-    frac_correct: float = 0.60  # "68." for 23 + 45
-    frac_evasive: float = 0.25  # "i do not know."
-    frac_near_miss: float = 0.15  # off by 1 or 10
+    # Demonstration mix per prompt difficulty (each must sum to 1). Like real SFT data, the
+    # demonstrators often give up on hard prompts (those with a carry, ~45% of them): SFT then
+    # imitates evasion there under greedy decoding although its samples are often correct,
+    # which is the behaviour the preference stages select. Overall: ~60/25/15 %.
+    frac_correct: float = 0.85  # easy prompts: "68." for 23 + 45
+    frac_evasive: float = 0.0  # easy prompts: "i do not know."
+    frac_near_miss: float = 0.15  # easy prompts: off by 1 or 10
+    hard_frac_correct: float = 0.30  # carry prompts: correct answer
+    hard_frac_evasive: float = 0.55  # carry prompts: "i do not know." (greedy SFT's mode here)
+    hard_frac_near_miss: float = 0.15  # carry prompts: off by 1 or 10
     train_seed: int = 1  # seed of the training prompts (disjoint from eval_seed's)
     eval_seed: int = 2  # seed of the held-out prompts
     eval_fraction: float = 0.1  # share of all (A, B) pairs reserved for evaluation only
 
     def __post_init__(self) -> None:
-        total = self.frac_correct + self.frac_evasive + self.frac_near_miss
-        if abs(total - 1.0) > 1e-6:
-            raise ConfigError(
-                "data.toy.frac_correct + frac_evasive + frac_near_miss must sum to 1, "
-                f"got {total:.4f}"
-            )
+        for prefix in ("", "hard_"):
+            fracs = [getattr(self, f"{prefix}frac_{k}") for k in ("correct", "evasive", "near_miss")]
+            if min(fracs) < 0 or abs(sum(fracs) - 1.0) > 1e-6:
+                raise ConfigError(
+                    f"data.toy.{prefix}frac_correct + {prefix}frac_evasive + "
+                    f"{prefix}frac_near_miss must be >= 0 and sum to 1, got {sum(fracs):.4f}"
+                )
         if self.train_seed == self.eval_seed:
             raise ConfigError("data.toy.train_seed and data.toy.eval_seed must differ")
 
@@ -242,8 +248,9 @@ class StageConfig:
 @dataclass
 class SFTStageConfig(StageConfig):
     name: str = "sft"
-    learning_rate: float = 2e-3
+    learning_rate: float = 3e-3
     max_steps: int = 800
+    per_device_batch_size: int = 64
     assistant_only_loss: bool = True  # loss on assistant tokens only (needs {% generation %})
     packing: bool = False  # pack short rows into max_length blocks: faster, cross-row attention
 

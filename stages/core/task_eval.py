@@ -43,17 +43,23 @@ def toy_task_metrics(
     *,
     num_samples_logged: int = 4,
     prefix: str = "eval",
-) -> dict[str, Any]:
-    """Greedy accuracy, evasive rate and mean reply length on the held-out prompts."""
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Greedy accuracy, evasive rate and mean reply length on the held-out prompts, plus
+    every (prompt, reply, correct) sample so others can re-score them."""
     problems = toy.eval_prompts(toy_cfg)
     replies = greedy_replies(model, tokenizer, problems, model_cfg)
     correct = [toy.judge(p, r) for p, r in zip(problems, replies)]
     for p, r, c in list(zip(problems, replies, correct))[:num_samples_logged]:
         log.info("sample | %s -> %r (%s)", p.prompt, r, "correct" if c else "wrong")
     n = max(len(problems), 1)
-    return {
+    samples = [
+        {"prompt": p.prompt, "reply": r, "correct": bool(c)}
+        for p, r, c in zip(problems, replies, correct)
+    ]
+    metrics = {
         f"{prefix}/accuracy": sum(correct) / n,
         f"{prefix}/evasive_rate": sum(r.strip() == toy.EVASIVE_REPLY for r in replies) / n,
         f"{prefix}/response_chars": sum(len(r) for r in replies) / n,
         f"{prefix}/num_prompts": len(problems),
     }
+    return metrics, samples
