@@ -8,8 +8,8 @@ disjoint by construction; each set is then sampled with its own seed.
 
 Demonstrations are deliberately of mixed quality, like real SFT data: mostly correct, some
 evasive ("i do not know."), some near misses (off by 1 or 10), and the demonstrators give up
-more often on hard prompts (a carry in the ones digits). SFT imitates the mix, so greedy
-decoding evades on hard prompts while sampling often answers them; the judge prefers correct
+more often on hard prompts (a three-digit sum). SFT imitates the mix, so greedy decoding
+evades on hard prompts while sampling often answers them correctly; the judge prefers correct
 answers, which the preference stages then select.
 """
 
@@ -41,9 +41,9 @@ class AdditionProblem:
         return self.a + self.b
 
     @property
-    def has_carry(self) -> bool:
-        """The "hard" prompts: the ones digits carry into the tens."""
-        return self.a % 10 + self.b % 10 >= 10
+    def is_hard(self) -> bool:
+        """"Hard" prompts (~60%): the sum has three digits."""
+        return self.answer >= 100
 
     @property
     def prompt(self) -> str:
@@ -83,7 +83,7 @@ def problems(cfg: ToyTaskConfig, split: str) -> list[AdditionProblem]:
 
 def demonstration_reply(problem: AdditionProblem, rng: random.Random, cfg: ToyTaskConfig) -> str:
     """One demonstration reply drawn from the configured quality mix."""
-    if problem.has_carry:
+    if problem.is_hard:
         p_correct, p_evasive = cfg.hard_frac_correct, cfg.hard_frac_evasive
     else:
         p_correct, p_evasive = cfg.frac_correct, cfg.frac_evasive

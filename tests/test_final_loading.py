@@ -35,7 +35,7 @@ def plain_greedy_accuracy(final: Path, prompts: list[str], adapter: bool) -> tup
             return_tensors="pt", return_dict=True,
         )  # fmt: skip
         with torch.no_grad():
-            out = model.generate(**ids, max_new_tokens=12, do_sample=False)
+            out = model.generate(**ids, max_new_tokens=16, do_sample=False)
         replies.append(
             tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
         )

@@ -33,10 +33,21 @@ def test_demonstrations_follow_the_configured_mix() -> None:
         else:
             assert abs(toy.first_integer(reply) - problem.answer) in (1, 10)
             kinds["near"] += 1
-    assert kinds["correct"] / 4000 == pytest.approx(0.60, abs=0.03)  # 0.55*0.85 + 0.45*0.30
-    assert kinds["evasive"] / 4000 == pytest.approx(0.25, abs=0.03)
+    # ~60% of prompts are hard: 0.4 * 0.85 + 0.6 * 0.30 correct, 0.6 * 0.55 evasive.
+    assert kinds["correct"] / 4000 == pytest.approx(0.52, abs=0.03)
+    assert kinds["evasive"] / 4000 == pytest.approx(0.33, abs=0.03)
     assert kinds["near"] / 4000 == pytest.approx(0.15, abs=0.03)
     assert toy.sft_dataset(cfg)[:5] == rows[:5]  # seeded
+
+
+def test_demonstrators_evade_mostly_on_hard_prompts() -> None:
+    rows = toy.sft_dataset(ToyTaskConfig(num_train=4000))
+    evasive = {True: [], False: []}
+    for row in rows:
+        problem = toy.parse_prompt(row["messages"][:1])
+        evasive[problem.is_hard].append(row["messages"][1]["content"] == toy.EVASIVE_REPLY)
+    assert sum(evasive[True]) / len(evasive[True]) == pytest.approx(0.55, abs=0.03)
+    assert sum(evasive[False]) == 0
 
 
 @pytest.mark.parametrize(

@@ -125,15 +125,15 @@ class ToyTaskConfig:
     num_train: int = 20000  # SFT demonstrations; more = more diverse prompts, longer epochs
     num_eval: int = 200  # held-out prompts for accuracy; more = tighter estimate, slower eval
     # Demonstration mix per prompt difficulty (each must sum to 1). Like real SFT data, the
-    # demonstrators often give up on hard prompts (those with a carry, ~45% of them): SFT then
+    # demonstrators often give up on hard prompts (a three-digit sum, ~60% of them): SFT then
     # imitates evasion there under greedy decoding although its samples are often correct,
-    # which is the behaviour the preference stages select. Overall: ~60/25/15 %.
+    # which is the behaviour the preference stages select. Overall: ~52/33/15 %.
     frac_correct: float = 0.85  # easy prompts: "68." for 23 + 45
     frac_evasive: float = 0.0  # easy prompts: "i do not know."
     frac_near_miss: float = 0.15  # easy prompts: off by 1 or 10
-    hard_frac_correct: float = 0.30  # carry prompts: correct answer
-    hard_frac_evasive: float = 0.55  # carry prompts: "i do not know." (greedy SFT's mode here)
-    hard_frac_near_miss: float = 0.15  # carry prompts: off by 1 or 10
+    hard_frac_correct: float = 0.30  # hard prompts: correct answer
+    hard_frac_evasive: float = 0.55  # hard prompts: "i do not know." (greedy SFT's mode here)
+    hard_frac_near_miss: float = 0.15  # hard prompts: off by 1 or 10
     train_seed: int = 1  # seed of the training prompts (disjoint from eval_seed's)
     eval_seed: int = 2  # seed of the held-out prompts
     eval_fraction: float = 0.1  # share of all (A, B) pairs reserved for evaluation only
