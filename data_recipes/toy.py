@@ -42,7 +42,7 @@ class AdditionProblem:
 
     @property
     def is_hard(self) -> bool:
-        """"Hard" prompts (~60%): the sum has three digits."""
+        """ "Hard" prompts (~60%): the sum has three digits."""
         return self.answer >= 100
 
     @property

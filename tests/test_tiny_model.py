@@ -44,6 +44,8 @@ def test_tiny_model_is_built_once_deterministically(tmp_path) -> None:
         assert ka == kb and torch.equal(va, vb)
     tok = AutoTokenizer.from_pretrained(a)
     assert tok.chat_template and tok.eos_token == "<|end|>" and tok.pad_token == "<|pad|>"
-    other = ensure_tiny_model(TinyModelSpec(init_seed=1, hidden_size=32, num_layers=1,
-                                            num_heads=2, intermediate_size=64), tmp_path / "a")
+    other = ensure_tiny_model(
+        TinyModelSpec(init_seed=1, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64),
+        tmp_path / "a",
+    )
     assert other != a

@@ -14,9 +14,10 @@ def test_train_and_eval_prompts_are_disjoint_and_seeded() -> None:
     held_out = {(p.a, p.b) for p in toy.eval_prompts(cfg)}
     assert len(held_out) == 300 and not train & held_out
     assert toy.eval_prompts(cfg) == toy.eval_prompts(ToyTaskConfig(num_train=10, num_eval=300))
-    assert toy.problems(cfg, "train")[:50] != toy.problems(
-        ToyTaskConfig(num_train=5000, train_seed=9), "train"
-    )[:50]
+    assert (
+        toy.problems(cfg, "train")[:50]
+        != toy.problems(ToyTaskConfig(num_train=5000, train_seed=9), "train")[:50]
+    )
 
 
 def test_demonstrations_follow_the_configured_mix() -> None:
@@ -52,8 +53,16 @@ def test_demonstrators_evade_mostly_on_hard_prompts() -> None:
 
 @pytest.mark.parametrize(
     ("reply", "score"),
-    [("68.", 1.0), ("68", 1.0), ("The answer is 68, surely", 1.0), ("67.", 0.0),
-     ("i do not know.", 0.0), ("6 8", 0.0), ("", 0.0), ("680", 0.0)],
+    [
+        ("68.", 1.0),
+        ("68", 1.0),
+        ("The answer is 68, surely", 1.0),
+        ("67.", 0.0),
+        ("i do not know.", 0.0),
+        ("6 8", 0.0),
+        ("", 0.0),
+        ("680", 0.0),
+    ],
 )
 def test_judge_checks_the_first_integer(reply: str, score: float) -> None:
     assert toy.judge(toy.AdditionProblem(23, 45), reply) == score

@@ -38,16 +38,17 @@ def offline_runs(root: Path) -> list[Path]:
 
 def read_offline_run(run_dir: Path) -> OfflineRun:
     cli = _wandb_cli()
-    records = subprocess.run(
-        [cli, "leet", "inspect", "--json", str(run_dir)],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
-    summary = json.loads(
-        subprocess.run(
-            [cli, "leet", "inspect", "--summary", "--json", str(run_dir)],
-            capture_output=True, text=True, check=True,
-        ).stdout  # fmt: skip
-    )
+
+    def inspect(*flags: str) -> str:
+        return subprocess.run(
+            [cli, "leet", "inspect", *flags, "--json", str(run_dir)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+
+    records = inspect()
+    summary = json.loads(inspect("--summary"))
     run_record: dict[str, Any] = {}
     history = []
     for line in records.splitlines():

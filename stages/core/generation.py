@@ -87,7 +87,9 @@ def generate_replies(
         if seed is not None:
             torch.manual_seed(seed)
         for start in bar:
-            input_ids, attention = left_pad(encoded[start : start + batch_size], tokenizer.pad_token_id)
+            input_ids, attention = left_pad(
+                encoded[start : start + batch_size], tokenizer.pad_token_id
+            )
             out = model.generate(
                 input_ids=input_ids.to(device),
                 attention_mask=attention.to(device),

@@ -27,7 +27,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from stages.core import handoff
 from stages.core.handoff import ParentStage
-from stages.core.runtime import Precision, is_main_process, resolve_precision, seed_everything
+from stages.core.runtime import (
+    Precision,
+    is_main_process,
+    main_process_first,
+    resolve_precision,
+    seed_everything,
+    world_size,
+)
 from stages.core.schema import Config, ConfigError, validate_config
 from stages.core.tracking import StageTracker
 
@@ -65,18 +72,22 @@ class StageRun:
         """Validate the config, then decide: no-op (finished), fresh start, or resume."""
         cfg = validate_config(raw)
         if cfg.stage.name != expected_stage:
-            raise ConfigError(f"stage.name={cfg.stage.name!r} but this is the {expected_stage} stage")
+            raise ConfigError(
+                f"stage.name={cfg.stage.name!r} but this is the {expected_stage} stage"
+            )
         run = cls(cfg, raw)
         if handoff.is_done(run.run_dir) and not cfg.force:
             run.finished = True
             run.metrics = handoff.read_metrics(run.run_dir)
-            log.info(
-                "%s is already DONE: nothing to do (force=true re-runs it)", run.run_dir
-            )
+            log.info("%s is already DONE: nothing to do (force=true re-runs it)", run.run_dir)
             return run
-        if cfg.force and is_main_process():
-            handoff.reset_run_dir(run.run_dir)
-        run.resume_checkpoint = handoff.last_complete_checkpoint(run.run_dir)
+        # Under `accelerate launch` every rank computes the same run dir from the config; only
+        # rank 0 resets it, and the others look for a checkpoint to resume only after that,
+        # so all ranks agree on fresh-vs-resume.
+        with main_process_first():
+            if cfg.force and is_main_process():
+                handoff.reset_run_dir(run.run_dir)
+            run.resume_checkpoint = handoff.last_complete_checkpoint(run.run_dir)
         if run.resume_checkpoint is not None:
             log.info("resuming %s from %s", run.name, run.resume_checkpoint)
         if cfg.stage.parent is not None:
@@ -140,6 +151,7 @@ class StageRun:
             "data": data,
             "seed": self.cfg.seed,
             "precision": self.precision.name,
+            "world_size": world_size(),  # processes that trained it (accelerate launch)
             "resumed_from": str(self.resume_checkpoint) if self.resume_checkpoint else None,
             "versions": handoff.package_versions(),
             "git": handoff.git_state(),

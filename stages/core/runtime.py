@@ -7,6 +7,8 @@ so stage recipes stay device-agnostic.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +22,25 @@ def is_main_process() -> bool:
 
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+@contextmanager
+def main_process_first() -> Iterator[None]:
+    """Rank 0 runs the block first; the other ranks enter it only after rank 0 has left it.
+
+    For files only rank 0 writes and every rank then reads (a built base model, a merged
+    parent, a reset run dir). Every rank must reach it (it is a collective barrier). A
+    no-op in a single process, where no process group is created. ``cpu=use_cpu()`` matches
+    what transformers' TrainingArguments asks for: a CPU job must get the gloo group
+    (MULTI_CPU), not a non-distributed state that the trainer would then inherit.
+    """
+    if world_size() <= 1:
+        yield
+        return
+    from accelerate import PartialState
+
+    with PartialState(cpu=use_cpu()).main_process_first():
+        yield
 
 
 def seed_everything(seed: int) -> None:

@@ -23,6 +23,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from stages.core.runtime import main_process_first
 from stages.core.schema import TinyModelSpec
 
 PAD, EOS = "<|pad|>", "<|end|>"
@@ -104,7 +105,17 @@ def build_tiny_model(spec: TinyModelSpec, tokenizer: PreTrainedTokenizerFast) ->
 
 
 def ensure_tiny_model(spec: TinyModelSpec, cache_root: str | os.PathLike) -> Path:
-    """Build and save the tiny model once; return its directory (idempotent, atomic)."""
+    """Build and save the tiny model once; return its directory (idempotent, atomic).
+
+    Under `accelerate launch`, rank 0 builds it and the other ranks wait, then find it built
+    (a rank on another node without a shared filesystem builds its own: same seed, same
+    weights). Every rank must call this (it is a barrier).
+    """
+    with main_process_first():
+        return _ensure_tiny_model(spec, cache_root)
+
+
+def _ensure_tiny_model(spec: TinyModelSpec, cache_root: str | os.PathLike) -> Path:
     target = Path(cache_root) / f"tiny-llama-{spec_hash(spec)}"
     if (target / "config.json").exists() and (target / "tokenizer.json").exists():
         return target
