@@ -19,8 +19,11 @@ Nothing trusts remote code unless model.trust_remote_code is set.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +40,7 @@ from transformers import (
 )
 
 from stages.core.handoff import HandoffError, ParentStage, check_same_base
-from stages.core.runtime import Precision, is_main_process
+from stages.core.runtime import Precision, is_main_process, main_process_first
 from stages.core.schema import ModelConfig, PathsConfig, PeftConfig
 from stages.core.tiny_model import ensure_tiny_model, spec_hash
 
@@ -168,7 +171,21 @@ def _merged_parent_dir(
     model_cfg: ModelConfig,
     precision: Precision,
 ) -> Path:
-    """Merge the parent's adapter into its base in full precision, saved once under run_dir."""
+    """Merge the parent's adapter into its base in full precision, saved once under run_dir.
+
+    Only rank 0 saves the merge; under `accelerate launch` the other ranks wait for it and
+    then load what it saved (the marker check below), instead of reading a half-written dir.
+    """
+    with main_process_first():
+        return _merge_parent_once(parent, run_dir, model_cfg, precision)
+
+
+def _merge_parent_once(
+    parent: ParentStage,
+    run_dir: Path,
+    model_cfg: ModelConfig,
+    precision: Precision,
+) -> Path:
     target = run_dir / MERGED_PARENT_DIR
     marker = target / "alignpipe_merged_from.json"
     if marker.is_file() and json.loads(marker.read_text())["sha"] == parent.manifest_sha256:
@@ -257,6 +274,34 @@ def load_trainable_model(
     return LoadedModel(model, weights_base, peft_cfg.kind, provenance)
 
 
+QUANTIZED_BASES_DIR = "_quantized_bases"
+
+
+def quantized_base_copy(base: BaseModelRef, quant: Any, experiment_dir: Path) -> Path:
+    """Save the 4-bit base a QLoRA adapter was trained on, once per experiment and base.
+
+    The adapter then points at it, so ``AutoPeftModelForCausalLM.from_pretrained(final)``
+    rebuilds exactly the quantised weights it was trained against (its config.json carries
+    the quantization_config), instead of silently using the full-precision base.
+    """
+    quant_dict = quant.to_dict() if hasattr(quant, "to_dict") else dict(quant)
+    key = json.dumps({"base": base.as_dict(), "quant": quant_dict}, sort_keys=True, default=str)
+    target = experiment_dir / QUANTIZED_BASES_DIR / hashlib.sha256(key.encode()).hexdigest()[:12]
+    if (target / "config.json").is_file():
+        return target.resolve()
+    base_model = AutoModelForCausalLM.from_pretrained(
+        base.path,
+        revision=base.revision,
+        quantization_config=BitsAndBytesConfig.from_dict(quant_dict),
+        dtype=quant_dict.get("bnb_4bit_compute_dtype") or torch.bfloat16,
+    )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
+    base_model.save_pretrained(staging)
+    os.replace(staging, target)
+    return target.resolve()
+
+
 def save_final(
     loaded: LoadedModel, tokenizer: PreTrainedTokenizerBase, final_dir: Path, *, model: Any = None
 ) -> None:
@@ -268,8 +313,12 @@ def save_final(
     model = model if model is not None else loaded.model
     final_dir.mkdir(parents=True, exist_ok=True)
     if isinstance(model, PeftModel):
+        adapter_base = loaded.base.path
+        quant = getattr(model.get_base_model().config, "quantization_config", None)
+        if loaded.kind == "qlora" and quant is not None:
+            adapter_base = str(quantized_base_copy(loaded.base, quant, final_dir.parent.parent))
         for adapter_cfg in model.peft_config.values():
-            adapter_cfg.base_model_name_or_path = loaded.base.path
+            adapter_cfg.base_model_name_or_path = adapter_base
     model.save_pretrained(final_dir)
     tokenizer.save_pretrained(final_dir)
     (final_dir / BASE_MODEL_FILE).write_text(
@@ -281,3 +330,39 @@ def trainable_parameter_count(model: torch.nn.Module) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total
+
+
+def load_stage_model(
+    stage: ParentStage,
+    model_cfg: ModelConfig,
+    peft_cfg: PeftConfig | None,
+    precision: Precision,
+) -> PreTrainedModel | PeftModel:
+    """A finished stage's ``final/`` as a frozen causal LM in eval mode, for sampling and eval.
+
+    full -> the saved weights; lora/qlora -> the base it was trained on (the manifest's
+    ``base_model.path``: the pretrained base, or a full / merged parent) plus the adapter,
+    the base in 4-bit NF4 for qlora. ``peft_cfg`` only supplies the 4-bit settings; None
+    uses the stage's own (from its manifest), which is what reproduces it exactly.
+    """
+    if peft_cfg is None or peft_cfg.kind != stage.kind:
+        saved = stage.manifest.get("config", {}).get("peft") or {"kind": stage.kind}
+        if stage.kind == "full":
+            saved = {**saved, "kind": "none"}
+        peft_cfg = PeftConfig(**saved)
+    load = dict(
+        task="causal_lm", model_cfg=model_cfg, peft_cfg=peft_cfg, precision=precision,
+        pad_token_id=None,
+    )  # fmt: skip
+    if stage.kind == "full":
+        model = _from_pretrained(stage.final_dir, revision=None, **load)
+    elif stage.kind in ("lora", "qlora"):
+        base = stage.base_model
+        model = _from_pretrained(base["path"], revision=base.get("revision"), **load)
+        model = PeftModel.from_pretrained(model, str(stage.final_dir), is_trainable=False)
+    else:
+        raise HandoffError(f"{stage.run_dir}: unknown model kind {stage.kind!r} in its manifest")
+    model.eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model

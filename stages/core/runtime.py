@@ -24,6 +24,26 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def adopt_submitit_ranks() -> None:
+    """Under Hydra's submitit (Slurm) launcher with several tasks per job, export the
+    torch.distributed variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) for this
+    task, so the trainers run data-parallel and only rank 0 writes: the same path as
+    `accelerate launch`. A no-op anywhere else (no submitit job, one task, or RANK already
+    set by a launcher)."""
+    if "RANK" in os.environ:
+        return
+    try:
+        from submitit import JobEnvironment
+        from submitit.helpers import TorchDistributedEnvironment
+
+        job = JobEnvironment()  # raises outside a submitit job
+    except (ImportError, RuntimeError):
+        return
+    if job.num_tasks > 1:
+        # Every task sees all GPUs of its node and picks cuda:LOCAL_RANK, like torchrun.
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
 @contextmanager
 def main_process_first() -> Iterator[None]:
     """Rank 0 runs the block first; the other ranks enter it only after rank 0 has left it.
