@@ -7,8 +7,14 @@
 #   make dpo ARGS="stage.beta=0.05 force=true"
 #   make test                    the test suite (fast tier); make test-all adds end-to-end runs
 #
+#   make sweep SWEEP=dpo_beta    a named Hydra multirun from conf/sweep/ (dpo_beta, ppo_kl, dpo_optuna)
+#   make compare                 table + PNGs of every finished run of EXP (runs/$(EXP)/_compare/)
+#   make frontier                DPO-beta + PPO-kl_coef sweeps -> docs/frontier.png + .md
+#
 # Scale-out: LAUNCH=accelerate ACC=ddp|fsdp|zero2|zero3|single NPROC=8 runs the same stage
-# under `accelerate launch` with conf/accelerate/$(ACC).yaml.
+# under `accelerate launch` with conf/accelerate/$(ACC).yaml (NPROC: processes, one per GPU;
+# default: the config's num_processes). On a machine without GPUs, ACC=ddp runs NPROC CPU
+# processes over gloo. Slurm: ARGS="hydra/launcher=slurm ..." with `make sweep`, see README.
 
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -19,7 +25,8 @@ BIN := $(VENV)/bin
 # index (e.g. a CPU-only wheel index) if you need one.
 TORCH_VERSION ?= 2.13.0
 TORCH_PIP_ARGS ?=
-EXTRAS ?= dev,optuna
+# optuna: Optuna sweeps (conf/sweep/dpo_optuna.yaml); slurm: the submitit Slurm launcher.
+EXTRAS ?= dev,optuna,slurm
 EXP ?= toy
 ARGS ?=
 SWEEP ?= dpo_beta
@@ -29,10 +36,15 @@ NPROC ?=
 PYTEST_ARGS ?=
 
 ifeq ($(LAUNCH),accelerate)
+  ifeq ($(wildcard conf/accelerate/$(ACC).yaml),)
+    $(error ACC=$(ACC): no conf/accelerate/$(ACC).yaml (one of: $(basename $(notdir $(wildcard conf/accelerate/*.yaml)))))
+  endif
   RUN = $(BIN)/accelerate launch --config_file conf/accelerate/$(ACC).yaml \
         $(if $(NPROC),--num_processes $(NPROC),) -m stages
-else
+else ifeq ($(LAUNCH),python)
   RUN = $(BIN)/python -m stages
+else
+  $(error LAUNCH=$(LAUNCH): use LAUNCH=python (default) or LAUNCH=accelerate)
 endif
 
 .PHONY: setup sft rm ppo dpo eval sweep compare frontier test test-slow test-all bench lint format clean
@@ -49,7 +61,10 @@ $(VENV)/.installed: pyproject.toml
 sft rm ppo dpo eval: $(VENV)/.installed
 	$(RUN) stage=$@ experiment=$(EXP) $(ARGS)
 
+# Sweeps run one job after another in this process (or as Slurm jobs with
+# ARGS="hydra/launcher=slurm"); each job gets runs/$(EXP)/<stage>/<its overrides>/.
 sweep: $(VENV)/.installed
+	@test -f conf/sweep/$(SWEEP).yaml || { echo "SWEEP=$(SWEEP): no conf/sweep/$(SWEEP).yaml (one of: $(basename $(notdir $(wildcard conf/sweep/*.yaml))))" >&2; exit 2; }
 	$(BIN)/python -m stages -m +sweep=$(SWEEP) experiment=$(EXP) $(ARGS)
 
 compare: $(VENV)/.installed

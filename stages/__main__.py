@@ -23,21 +23,29 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> Any:
+    from stages.core.runtime import adopt_submitit_ranks
     from stages.core.sweep import from_hydra
     from stages.runner import run  # heavy imports only after the config composed
+
+    adopt_submitit_ranks()  # a multi-task Slurm job trains data-parallel, like accelerate
 
     # Multirun jobs get their own run dir (paths.variant), W&B group and tags; run() itself
     # only ever sees a plain config.
     metrics = run(from_hydra(cfg))
-    objective = cfg.get("objective")  # the Optuna sweeper optimises this metric
+    return objective_value(metrics, cfg.get("objective"), cfg.stage.name)
+
+
+def objective_value(metrics: dict[str, Any], objective: str | None, stage: str) -> Any:
+    """What the job returns to Hydra: the metric a sweeper (Optuna) optimises, or all of them."""
     if not objective:
         return metrics
-    if objective not in metrics:
-        raise KeyError(
-            f"objective={objective!r} is not a metric of stage {cfg.stage.name!r}; "
-            f"it reported: {sorted(metrics)}"
+    value = metrics.get(objective)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(
+            f"objective={objective!r} is not a numeric metric of stage {stage!r} "
+            f"(got {value!r}); it reported: {sorted(metrics)}"
         )
-    return float(metrics[objective])
+    return float(value)
 
 
 if __name__ == "__main__":

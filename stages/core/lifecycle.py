@@ -33,6 +33,7 @@ from stages.core.runtime import (
     main_process_first,
     resolve_precision,
     seed_everything,
+    sharded_parameters,
     world_size,
 )
 from stages.core.schema import Config, ConfigError, validate_config
@@ -71,6 +72,17 @@ class StageRun:
     def begin(cls, raw: DictConfig, expected_stage: str) -> StageRun:
         """Validate the config, then decide: no-op (finished), fresh start, or resume."""
         cfg = validate_config(raw)
+        sharded = sharded_parameters()
+        if sharded:
+            # finish() saves final/ from rank 0's copy of the model, right under DDP and ZeRO-2
+            # (every rank holds all weights). Under FSDP / ZeRO-3 rank 0 holds a shard: saving
+            # needs a gather on every rank first, not wired yet. Refuse now rather than hang or
+            # write a partial model after the whole run.
+            raise ConfigError(
+                f"{sharded} with {world_size()} processes is not supported yet: saving final/ "
+                "needs a collective gather of the sharded weights. Use ACC=ddp or ACC=zero2 "
+                "(with peft=lora/qlora the frozen base is small enough to replicate)."
+            )
         if cfg.stage.name != expected_stage:
             raise ConfigError(
                 f"stage.name={cfg.stage.name!r} but this is the {expected_stage} stage"

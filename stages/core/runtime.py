@@ -44,6 +44,22 @@ def adopt_submitit_ranks() -> None:
         TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
 
 
+def sharded_parameters() -> str | None:
+    """The launcher's name for it when model weights are sharded over processes, else None.
+
+    Set by `accelerate launch` from conf/accelerate/fsdp.yaml or zero3.yaml. A sharded model
+    needs a collective gather to be saved; see `StageRun.begin`.
+    """
+    if world_size() <= 1:
+        return None
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        return "FSDP"
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if deepspeed and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
+        return "DeepSpeed ZeRO-3"
+    return None
+
+
 @contextmanager
 def main_process_first() -> Iterator[None]:
     """Rank 0 runs the block first; the other ranks enter it only after rank 0 has left it.

@@ -1,0 +1,230 @@
+"""`make frontier`: the reward-KL frontier of DPO and PPO on one experiment, as a PNG + table.
+
+    python -m stages.frontier                          # EXP=toy, writes docs/frontier.{png,md}
+    python -m stages.frontier --plot-only              # re-plot from existing runs
+    python -m stages.frontier --dry-run                # print the commands, run nothing
+
+Owns the recipe, nothing else: it runs the same commands a user would type (each printed
+first), then plots with `stages.compare`:
+
+1. ``alignpipe stage=sft``                      the shared parent (a no-op when DONE)
+2. ``alignpipe -m +sweep=dpo_beta``             DPO over beta (conf/sweep/dpo_beta.yaml)
+3. ``alignpipe stage=rm`` then ``-m +sweep=ppo_kl``   PPO over kl_coef (conf/sweep/ppo_kl.yaml)
+4. one point per DPO/PPO run of this frontier (W&B group ``<exp>-frontier``): the toy task's
+   true reward (the judge's held-out accuracy) against KL(policy || SFT), plus SFT at KL 0.
+
+Finished runs are reused (a stage that is DONE is a no-op), so re-running only adds what is
+missing. Stages run as subprocesses: each sweep job is a normal Hydra job with its own run
+dir and W&B run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import shlex
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from stages.compare import (
+    KL_KEY,
+    REWARD_KEY,
+    CompareError,
+    Run,
+    find_runs,
+    frontier_points,
+    is_parent_of_any,
+    plot_frontier,
+    reference_points,
+    render_markdown,
+    table_rows,
+)
+
+DEFAULT_OUT = Path("docs")
+METHODS = ("dpo", "ppo")
+
+
+def frontier_group(experiment: str) -> str:
+    return f"{experiment}-frontier"
+
+
+def ppo_available() -> bool:
+    """The PPO stage module exists (the frontier runs DPO alone until it does)."""
+    from stages.runner import STAGE_MODULES
+
+    # Look for the file without importing the package (importing stages.ppo loads torch,
+    # bitsandbytes, ...): "stages.ppo.stage" -> stages/ppo/stage.py or stages/ppo/stage/.
+    package, _, leaf = STAGE_MODULES["ppo"].rpartition(".")
+    spec = importlib.util.find_spec(package.partition(".")[0])
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    relative = Path(*package.split(".")[1:], leaf)
+    return any(
+        (Path(loc) / relative).with_suffix(".py").is_file() or (Path(loc) / relative).is_dir()
+        for loc in spec.submodule_search_locations
+    )
+
+
+def commands(
+    experiment: str,
+    methods: Sequence[str],
+    *,
+    common: Sequence[str] = (),
+    per_stage: dict[str, Sequence[str]] | None = None,
+    betas: str | None = None,
+    kl_coefs: str | None = None,
+) -> list[list[str]]:
+    """The CLI invocations that produce the frontier's runs, in order."""
+    per_stage = per_stage or {}
+    base = [sys.executable, "-m", "stages"]
+    exp = [f"experiment={experiment}", *common]
+    group = f"tracking.group={frontier_group(experiment)}"
+    cmds = [[*base, "stage=sft", *exp, *per_stage.get("sft", ())]]
+    if "dpo" in methods:
+        grid = [f"stage.beta={betas}"] if betas else []
+        cmds.append([*base, "-m", "+sweep=dpo_beta", *exp, group, *grid, *per_stage.get("dpo", ())])
+    if "ppo" in methods:
+        cmds.append([*base, "stage=rm", *exp, *per_stage.get("rm", ())])
+        grid = [f"stage.kl_coef={kl_coefs}"] if kl_coefs else []
+        cmds.append([*base, "-m", "+sweep=ppo_kl", *exp, group, *grid, *per_stage.get("ppo", ())])
+    return cmds
+
+
+def select(runs: Sequence[Run], experiment: str) -> list[Run]:
+    """This frontier's DPO/PPO runs (by W&B group) and the SFT runs they descend from."""
+    group = frontier_group(experiment)
+    chosen = [
+        r
+        for r in runs
+        if r.stage in METHODS
+        and r.experiment == experiment
+        and ((r.manifest.get("config") or {}).get("tracking") or {}).get("group") == group
+    ]
+    return [r for r in runs if r.stage == "sft" and is_parent_of_any(r, chosen)] + chosen
+
+
+def write_frontier(runs_root: Path, experiment: str, out: Path) -> tuple[Path, Path, str]:
+    """frontier.png + frontier.md under ``out`` from the runs of this frontier."""
+    runs = select(find_runs([runs_root / experiment]), experiment)
+    points, missing = frontier_points(runs)
+    if not points:
+        hint = (
+            f" ({', '.join(r.label for r in missing)} lack {REWARD_KEY} / {KL_KEY})"
+            if missing
+            else ""
+        )
+        raise CompareError(
+            f"no DPO/PPO run of W&B group {frontier_group(experiment)!r} under "
+            f"{runs_root / experiment} has both frontier metrics{hint}; run without --plot-only"
+        )
+    png = plot_frontier(runs, out / "frontier.png", f"Reward-KL frontier: {experiment}")
+    assert png is not None
+    rows = [
+        [p.method, p.label, p.run, f"{p.kl:.3f}", f"{p.reward:.3f}"]
+        for p in sorted(points, key=lambda p: (p.method, p.kl))
+    ]
+    refs = reference_points(runs)
+    rows = [["SFT (reference)", "-", label, "0", f"{acc:.3f}"] for label, acc in refs] + rows
+    frontier_table = render_markdown(
+        ["method", "setting", "run", "KL to SFT", "accuracy"], rows, text_columns=3
+    )
+    header, run_rows = table_rows(runs, full_labels=True)
+    md = "\n".join(
+        [
+            f"# Reward-KL frontier: {experiment}",
+            "",
+            "![reward-KL frontier](frontier.png)",
+            "",
+            f"Each point is one run. y = the toy task's true reward: greedy accuracy on held-out "
+            f"`What is A + B?` prompts by the rule judge (`{REWARD_KEY}`). x = Monte-Carlo "
+            f"KL(policy ‖ SFT) per response on the policy's own samples at T=1 (`{KL_KEY}`). "
+            "Up and to the left is better: more reward for less drift from the SFT policy. "
+            "DPO trades them off through beta, PPO through kl_coef.",
+            "",
+            frontier_table,
+            "",
+            "## All runs of this frontier",
+            "",
+            render_markdown(header, run_rows),
+            "",
+            f"Reproduce: `make frontier EXP={experiment}` (see `python -m stages.frontier --help`).",
+            "",
+        ]
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    md_path = out / "frontier.md"
+    md_path.write_text(md)
+    return png, md_path, frontier_table
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m stages.frontier",
+        description="Run the DPO-beta and PPO-kl_coef sweeps and plot the reward-KL frontier.",
+    )
+    parser.add_argument("--experiment", default="toy", help="experiment name (EXP); default toy")
+    parser.add_argument(
+        "--runs-root", default="runs", help="paths.runs_root of the runs; default runs"
+    )
+    parser.add_argument(
+        "--out", default=str(DEFAULT_OUT), help="where frontier.png/.md go; default docs"
+    )
+    parser.add_argument("--methods", default=None,
+                        help="comma list of dpo,ppo (default: both; PPO only if its stage exists)")  # fmt: skip
+    parser.add_argument(
+        "--betas", help="DPO betas, e.g. 0.03,0.1,0.3 (default: conf/sweep/dpo_beta.yaml)"
+    )
+    parser.add_argument("--kl-coefs", help="PPO kl_coefs (default: conf/sweep/ppo_kl.yaml)")
+    for stage in ("sft", "dpo", "rm", "ppo"):
+        parser.add_argument(
+            f"--{stage}-args", default="", help=f"extra overrides for the {stage} step"
+        )
+    parser.add_argument(
+        "--plot-only", action="store_true", help="plot existing runs; train nothing"
+    )
+    parser.add_argument("--dry-run", action="store_true", help="print the commands and exit")
+    parser.add_argument(
+        "overrides", nargs="*", help="Hydra overrides for every step, e.g. tracking=none"
+    )
+    args = parser.parse_args(argv)
+
+    if args.methods is None:
+        methods = ["dpo"] + (["ppo"] if ppo_available() else [])
+        if "ppo" not in methods:
+            print("frontier: the PPO stage is not available yet (stages/ppo/stage.py); DPO only")
+    else:
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        unknown = sorted(set(methods) - set(METHODS))
+        if unknown or not methods:
+            parser.error(f"--methods must be a comma list of {list(METHODS)}, got {args.methods!r}")
+        if "ppo" in methods and not ppo_available():
+            parser.error(
+                "--methods includes ppo, but the PPO stage (stages/ppo/stage.py) does not exist"
+            )
+
+    runs_root = Path(args.runs_root)
+    common = [f"paths.runs_root={runs_root}", *args.overrides]
+    per_stage = {s: shlex.split(getattr(args, f"{s}_args")) for s in ("sft", "dpo", "rm", "ppo")}
+    if not args.plot_only:
+        for cmd in commands(args.experiment, methods, common=common, per_stage=per_stage,
+                            betas=args.betas, kl_coefs=args.kl_coefs):  # fmt: skip
+            print("+ " + shlex.join(["python", *cmd[1:]]), flush=True)
+            if not args.dry_run and subprocess.run(cmd).returncode != 0:
+                print(f"frontier: step failed: {shlex.join(cmd)}", file=sys.stderr)
+                return 1
+    if args.dry_run:
+        return 0
+    try:
+        png, md, table = write_frontier(runs_root, args.experiment, Path(args.out))
+    except CompareError as err:
+        print(f"frontier: {err}", file=sys.stderr)
+        return 2
+    print(table)
+    print(f"\nwrote {png} and {md}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
