@@ -64,9 +64,8 @@ class ModelConfig:
     name: str = MISSING  # short name used in logs and manifests
     name_or_path: str = MISSING  # hub id, local directory, or "builtin:tiny" for the embedded model
     revision: str | None = None  # hub revision (branch, tag or commit) for reproducible downloads
-    trust_remote_code: bool = (
-        False  # run modelling code shipped with the checkpoint; off for safety
-    )
+    # Run modelling code shipped with the checkpoint; off for safety.
+    trust_remote_code: bool = False
     tiny: TinyModelSpec | None = None  # architecture for "builtin:tiny"; ignored otherwise
     attn_implementation: str | None = None  # "sdpa", "eager", "flash_attention_2"; None = default
     max_length: int = 128  # max tokens of prompt + response in training; longer rows are truncated
@@ -105,9 +104,8 @@ class PeftConfig:
     dropout: float = 0.0  # LoRA dropout; regularises but makes PPO/DPO log-probs noisy
     target_modules: list[str] | None = None  # None = model.lora_target_modules
     bnb_4bit_quant_type: str = "nf4"  # 4-bit data type: nf4 (QLoRA paper) or fp4
-    bnb_4bit_use_double_quant: bool = (
-        True  # quantise the quantisation constants too (~0.4 bit/param)
-    )
+    # Quantise the quantisation constants too (~0.4 bit/param saved).
+    bnb_4bit_use_double_quant: bool = True
     # Dtype of the 4-bit matmuls: auto = bf16 (CPU needs it; fp32 mixes dtypes and fails).
     bnb_4bit_compute_dtype: str = "auto"
 
@@ -185,9 +183,8 @@ class PairsConfig:
     judge: str = "toy"  # toy = rule-based judge; reward_model = this experiment's RM stage
     strategy: str = "best_vs_worst"  # best_vs_worst | best_vs_random | ground_truth_vs_sample
     min_margin: float = 0.5  # drop pairs whose judge scores differ by less (ties have 0)
-    max_length_ratio: float | None = (
-        None  # drop pairs whose chosen is this much longer (length bias)
-    )
+    # Drop pairs whose chosen reply is this many times longer (length-bias control).
+    max_length_ratio: float | None = None
     seed: int = 0  # sampling seed
 
     def __post_init__(self) -> None:
