@@ -62,7 +62,15 @@ _IGNORED_PREFIXES = (
     "objective",
     "stage.name",
 )
-_SKIP_DIRS = {"final", "wandb", "pairs", "merged_parent", "_compare", "_sweeps", "_quantized_bases"}
+_SKIP_DIRS = {
+    "final",
+    "wandb",
+    "merged_parent",
+    "_compare",
+    "_sweeps",
+    "_pairs",
+    "_quantized_bases",
+}
 
 
 class CompareError(ValueError):

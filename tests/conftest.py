@@ -62,3 +62,28 @@ def compose_cfg(tmp_path: Path, builtin_models_dir: Path) -> Iterator[ComposeFn]
 
     yield _compose
     GlobalHydra.instance().clear()
+
+
+@pytest.fixture(scope="session")
+def sft_runs(tmp_path_factory: pytest.TempPathFactory, builtin_models_dir: Path):
+    """sft_runs(peft) -> a finished short SFT run dir for that peft kind (trained once per
+    session; tests copy it into their own runs root)."""
+    root = tmp_path_factory.mktemp("sft_parents")
+    done: dict[str, Path] = {}
+
+    def get(peft: str) -> Path:
+        if peft not in done:
+            from stages import sft  # heavy (torch, trl): only for the tests that need it
+
+            overrides = [
+                f"paths.runs_root={root / peft}",
+                f"paths.builtin_models={builtin_models_dir}",
+                *FAST,
+                f"peft={peft}",
+            ]
+            with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+                sft.run(compose(config_name="config", overrides=overrides))
+            done[peft] = root / peft / "toy" / "sft"
+        return done[peft]
+
+    return get

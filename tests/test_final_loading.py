@@ -61,7 +61,9 @@ def test_final_reloads_without_alignpipe(compose_cfg, tmp_path, peft) -> None:
     check_final_matches_manifest(run_dir, adapter=peft != "none")
     if peft == "qlora":  # the adapter points at the 4-bit base it was trained against
         config = json.loads((run_dir / "final" / "adapter_config.json").read_text())
-        base_config = json.loads((Path(config["base_model_name_or_path"]) / "config.json").read_text())
+        base_config = json.loads(
+            (Path(config["base_model_name_or_path"]) / "config.json").read_text()
+        )
         assert base_config["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
 
 

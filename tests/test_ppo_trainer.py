@@ -24,8 +24,9 @@ from transformers import (
     LlamaForSequenceClassification,
 )
 
+from stages.core.models import keep_4bit_backward
 from stages.ppo import PPOHyperparams, PPOTrainer, SeparateRoles, SharedBaseRoles
-from stages.ppo.roles import causal_lm_response_logits, keep_4bit_backward
+from stages.ppo.roles import causal_lm_response_logits
 
 REPO = Path(__file__).resolve().parents[1]
 PAD, EOS, VOCAB = 0, 1, 32

@@ -48,6 +48,9 @@ TRACKED_PACKAGES = (
 )
 
 
+PAIRS_CACHE_DIR = "_pairs"
+
+
 class HandoffError(RuntimeError):
     """A parent stage is missing, incomplete or incompatible; the message says what to run."""
 
@@ -55,6 +58,13 @@ class HandoffError(RuntimeError):
 def stage_dir(runs_root: str | os.PathLike, experiment: str, stage: str, variant: str = "") -> Path:
     path = Path(runs_root) / experiment / stage
     return path / variant if variant else path
+
+
+def pairs_cache_root(runs_root: str | os.PathLike, experiment: str) -> Path:
+    """Where generated preference pairs are cached, shared by every stage and sweep job of an
+    experiment (each set keyed by its inputs, the sampled checkpoint's manifest sha among them,
+    so DPO, the RM and every beta of a sweep reuse one sampling of the same SFT policy)."""
+    return Path(runs_root) / experiment / PAIRS_CACHE_DIR
 
 
 def is_done(run_dir: Path) -> bool:

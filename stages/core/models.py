@@ -256,6 +256,8 @@ def load_trainable_model(
         if peft_cfg.kind == "qlora":
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         model = PeftModel.from_pretrained(model, str(parent.final_dir), is_trainable=True)
+        if peft_cfg.kind == "qlora":
+            keep_4bit_backward(model)
         provenance["parent_adapter"] = "continued"
         log.info("continuing %s adapter from %s", parent.kind, parent.final_dir)
         return LoadedModel(model, base, peft_cfg.kind, provenance)
@@ -267,11 +269,39 @@ def load_trainable_model(
 
     if peft_cfg.kind == "none":
         return LoadedModel(model, weights_base, "full", provenance)
-    if peft_cfg.kind == "qlora":
+    if peft_cfg.kind == "qlora" and task == "causal_lm":
+        # Not for seq_cls: this upcasts the final norm to fp32, while TRL casts the trainable
+        # score head (like the adapters) to bf16 on a 4-bit base, so the head's matmul would
+        # mix dtypes. Without it everything outside the 4-bit weights stays in the compute
+        # dtype, exactly as a plain reload of the adapter runs (get_peft_model freezes the base).
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model = get_peft_model(model, lora_config(peft_cfg, model_cfg, task))
+    if peft_cfg.kind == "qlora":
+        keep_4bit_backward(model)
     provenance["fresh_adapter"] = True
     return LoadedModel(model, weights_base, peft_cfg.kind, provenance)
+
+
+def keep_4bit_backward(model: torch.nn.Module) -> None:
+    """Stop bitsandbytes from swapping trained 4-bit layers onto its inference-only CPU kernel.
+
+    bitsandbytes 0.50 repacks a CPU ``Linear4bit``'s weight for an AVX512-BF16 kernel the first
+    time the layer runs in eval mode without grad (a PPO rollout, an eval, TRL's reference pass), and uses that kernel from
+    then on. The kernel has no autograd: gradients through the base layer are silently
+    dropped, so every LoRA adapter *below* it stops learning. Turning the repack off keeps the
+    autograd path. A layer that was already repacked cannot be trusted: load the base again.
+    """
+    for module in model.modules():
+        if not hasattr(module, "support_avx512bf16_for_cpu"):
+            continue
+        state = getattr(module.weight, "quant_state", None)
+        if getattr(state, "packing_format_for_cpu", False):
+            raise RuntimeError(
+                "a 4-bit layer was already repacked by bitsandbytes for CPU inference (the model "
+                "ran in eval mode without grad before PPO); its backward would drop gradients. "
+                "Load the 4-bit base again and call this before any eval forward."
+            )
+        module.support_avx512bf16_for_cpu = False
 
 
 QUANTIZED_BASES_DIR = "_quantized_bases"

@@ -16,6 +16,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from stages.ppo.config import PPOConfigError, PPOHyperparams
+
 STAGES = ("sft", "rm", "ppo", "dpo", "eval")
 PEFT_KINDS = ("none", "lora", "qlora")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -183,7 +185,7 @@ class PairsConfig:
     judge: str = "toy"  # toy = rule-based judge; reward_model = this experiment's RM stage
     strategy: str = "best_vs_worst"  # best_vs_worst | best_vs_random | ground_truth_vs_sample
     min_margin: float = 0.5  # drop pairs whose judge scores differ by less (ties have 0)
-    # Drop pairs whose chosen reply is this many times longer (length-bias control).
+    # Length-bias control: drop pairs whose chosen is this many times longer; None = off.
     max_length_ratio: float | None = None
     seed: int = 0  # sampling seed
 
@@ -270,10 +272,12 @@ class DPOStageConfig(StageConfig):
     loss_type: str = "sigmoid"
     label_smoothing: float = 0.0  # conservative DPO: assumed share of flipped labels
     precompute_ref_log_probs: bool = False  # one ref pass up front: saves memory, costs a pass
+    sft_weight: float = 0.0  # + weight * NLL of the chosen replies (RPO); 0 = plain DPO
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _positive("stage.beta", self.beta)
+        _positive("stage.sft_weight", self.sft_weight, allow_zero=True)
 
 
 @dataclass
@@ -285,19 +289,56 @@ class RMStageConfig(StageConfig):
     max_steps: int = 300
     center_rewards_coefficient: float | None = None  # pull mean reward to 0 (0.01 in the paper)
     use_margin: bool = False  # use a `margin` column in the loss when the data has one
+    head_learning_rate: float | None = None  # LR of the new score head; None = learning_rate
+
+    def __post_init__(self) -> None:  # the head LR, when set, must be positive too
+        super().__post_init__()
+        if self.head_learning_rate is not None:
+            _positive("stage.head_learning_rate", self.head_learning_rate)
 
 
 @dataclass
-class PPOStageConfig(StageConfig):  # TODO(integration): mix in stages.ppo.config.PPOHyperparams
+class PPOStageConfig(PPOHyperparams, StageConfig):
+    """PPO knobs (rollout, KL, GAE, clipping, optimiser: ``stages.ppo.config.PPOHyperparams``,
+    each documented there) plus how the stage wires its four roles."""
+
     name: str = "ppo"
     parent: str | None = "sft"
+    # LoRA: the policy continues the SFT adapter (reference = a frozen copy); merge = SFT merged
+    # into the base, fresh policy adapter, reference = adapters off. QLoRA with share_base
+    # always merges: the RM adapter sits on the merged SFT weights and all roles share them.
+    parent_adapter: str = "continue"
+    # Trainer knobs that PPO counts differently; setting one fails, naming its PPO twin.
+    max_steps: int | None = None  # not a PPO knob: PPO counts updates (stage.total_updates)
+    per_device_batch_size: int | None = None  # not a PPO knob: stage.rollout_batch_size
+    warmup_ratio: float | None = None  # not a PPO knob: stage.warmup_steps (in updates)
     reward_stage: str = "rm"  # stage whose reward model scores rollouts
     value_from: str = "reward"  # init the value model from the reward model (or "policy")
     share_base: bool = True  # with qlora: one 4-bit base for all four roles
+    num_prompts: int = 4096  # distinct training prompts (toy train pool or the pairs file)
+    seed: int | None = None  # PPO's own seed (prompt order, sampling); None = the run's seed
 
     def __post_init__(self) -> None:
-        StageConfig.__post_init__(self)
+        _choice("stage.name", self.name, STAGES)
+        _choice("stage.parent_adapter", self.parent_adapter, ("continue", "merge"))
         _choice("stage.value_from", self.value_from, ("reward", "policy"))
+        _positive("stage.num_prompts", self.num_prompts)
+        for key, twin in (
+            ("max_steps", "total_updates"),
+            ("per_device_batch_size", "rollout_batch_size"),
+            ("warmup_ratio", "warmup_steps"),
+        ):
+            if getattr(self, key) is not None:
+                raise ConfigError(f"stage.{key} is not a PPO knob: set stage.{twin} instead")
+        if self.trainer_overrides:
+            raise ConfigError(
+                "stage.trainer_overrides does not apply to PPO (our own trainer, not a TRL "
+                "one): set the PPO knobs directly, e.g. stage.kl_coef=0.1"
+            )
+        try:
+            self.validate_ppo()
+        except PPOConfigError as err:
+            raise ConfigError(str(err)) from None
 
 
 @dataclass

@@ -52,6 +52,7 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from stages.core.models import keep_4bit_backward
 from stages.ppo.losses import logprobs_from_logits
 
 POLICY, REFERENCE, REWARD, VALUE = "policy", "ref", "reward", "value"
@@ -65,28 +66,6 @@ def disable_dropout(model: nn.Module) -> None:
         if isinstance(module, nn.Dropout):
             module.p = 0.0
     model.eval()
-
-
-def keep_4bit_backward(model: nn.Module) -> None:
-    """Stop bitsandbytes from swapping trained 4-bit layers onto its inference-only CPU kernel.
-
-    bitsandbytes 0.50 repacks a CPU ``Linear4bit``'s weight for an AVX512-BF16 kernel the first
-    time the layer runs in eval mode without grad (our rollout), and uses that kernel from
-    then on. The kernel has no autograd: gradients through the base layer are silently
-    dropped, so every LoRA adapter *below* it stops learning. Turning the repack off keeps the
-    autograd path. A layer that was already repacked cannot be trusted: load the base again.
-    """
-    for module in model.modules():
-        if not hasattr(module, "support_avx512bf16_for_cpu"):
-            continue
-        state = getattr(module.weight, "quant_state", None)
-        if getattr(state, "packing_format_for_cpu", False):
-            raise RuntimeError(
-                "a 4-bit layer was already repacked by bitsandbytes for CPU inference (the model "
-                "ran in eval mode without grad before PPO); its backward would drop gradients. "
-                "Load the 4-bit base again and build the PPO roles before any eval forward."
-            )
-        module.support_avx512bf16_for_cpu = False
 
 
 def _freeze(model: nn.Module) -> None:

@@ -1,0 +1,466 @@
+"""Paired comparisons for the preference stages (DPO, reward model), pure and seeded.
+
+Owns:
+
+- the **judge** interface (`Judge`: a named callable scoring `(prompt messages, reply)`), the
+  toy rule judge, and `resolve_judge`, the hook where the reward-model judge plugs in;
+- **on-policy pairs** (`generate_pairs`): sample N replies per prompt from a policy checkpoint
+  (KV-cached batched generation, seeded, temperature from `data.pairs`), score each with the
+  judge, and pair them by strategy: `best_vs_worst` (default), `best_vs_random`, or
+  `ground_truth_vs_sample` (SPIN-like: chosen is the demonstration's correct answer);
+- the **filters** (`build_pairs`): minimum score margin, ties, identical texts, optional
+  length-bias control, decontamination against held-out eval prompts, dedupe;
+- the **held-out split by prompt** (`split_heldout`) and **file-sourced pairs**
+  (`file_pairs`), which share the split and decontamination with on-policy pairs;
+- the **cache** of a generated set under the stage's run dir, keyed by a hash of every input
+  (policy manifest sha256, pairs/toy/generation config, judge, seed), so a re-run reuses it.
+
+Rows are TRL conversational preference rows: ``prompt`` = [user message], ``chosen`` /
+``rejected`` = [assistant message], plus the float judge ``margin`` (RewardTrainer can use it;
+DPOTrainer ignores it). The same inputs always give the same pairs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import random
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from data_recipes import toy
+from data_recipes.preference_formats import (
+    content_hash,
+    dedupe_preference_rows,
+    load_preference_file,
+)
+from stages.core.schema import ConfigError, ModelConfig, PairsConfig, ToyTaskConfig
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+Messages = list[dict[str, str]]
+Row = dict[str, Any]
+
+# Bump when the pairing algorithm changes, so stale cached sets are not reused.
+PAIRS_VERSION = 1
+STATS_FILE = "stats.json"
+TRAIN_FILE = "train.jsonl"
+HELDOUT_FILE = "heldout.jsonl"
+STRATEGIES = ("best_vs_worst", "best_vs_random", "ground_truth_vs_sample")
+DROP_REASONS = ("ties", "identical", "margin", "length", "contaminated", "duplicates")
+
+
+# ------------------------------------------------------------------------------ judges
+
+
+@dataclass(frozen=True)
+class Judge:
+    """Scores a reply to a prompt; higher is better.
+
+    ``name`` identifies the judge in cache keys and manifests: a reward-model judge should
+    include its checkpoint's manifest sha256 so a new RM never reuses pairs judged by the old
+    one. ``score_batch`` is optional: a model-based judge scores many replies per forward.
+    """
+
+    name: str
+    score: Callable[[Messages, str], float]
+    score_batch: Callable[[Sequence[Messages], Sequence[str]], list[float]] | None = None
+
+    def score_all(self, prompts: Sequence[Messages], replies: Sequence[str]) -> list[float]:
+        if self.score_batch is not None:
+            scores = list(self.score_batch(prompts, replies))
+            if len(scores) != len(replies):
+                raise ValueError(
+                    f"judge {self.name!r} returned {len(scores)} scores for {len(replies)} replies"
+                )
+            return [float(s) for s in scores]
+        return [float(self.score(p, r)) for p, r in zip(prompts, replies)]
+
+
+def _toy_problem(prompt: Messages) -> toy.AdditionProblem:
+    problem = toy.parse_prompt(prompt)
+    if problem is None:
+        raise ValueError(
+            f"the toy judge only scores 'What is A + B?' prompts, got {prompt!r}; use "
+            "data.pairs.judge=reward_model for other prompts"
+        )
+    return problem
+
+
+def toy_judge() -> Judge:
+    """The embedded task's rule judge: 1.0 when the first integer in the reply is A + B."""
+    return Judge(name="toy", score=lambda prompt, reply: toy.judge(_toy_problem(prompt), reply))
+
+
+def resolve_judge(name: str) -> Judge:
+    """The judge named by ``data.pairs.judge``.
+
+    ``reward_model`` is the hook for the RM stage: build a `Judge` whose ``score`` (or
+    ``score_batch``) runs this experiment's reward model, named ``reward_model:<manifest
+    sha256>``, and pass it to `generate_pairs(judge=...)`.
+    """
+    if name == "toy":
+        return toy_judge()
+    if name == "reward_model":
+        # TODO(integration): the RM stage provides the scorer; until then say so clearly.
+        raise ConfigError(
+            "data.pairs.judge=reward_model needs a reward-model scorer, which the RM stage "
+            "provides (pass a data_recipes.pairs.Judge to generate_pairs); use "
+            "data.pairs.judge=toy for the embedded task"
+        )
+    raise ConfigError(f"data.pairs.judge={name!r} is not one of ['toy', 'reward_model']")
+
+
+# ----------------------------------------------------------------------------- prompts
+
+
+def prompt_key(prompt: Messages | str) -> str:
+    """Normalised text of the last user turn: what decontamination and the split compare."""
+    if not isinstance(prompt, str):
+        users = [m["content"] for m in prompt if m.get("role") == "user"]
+        prompt = users[-1] if users else ""
+    return re.sub(r"\s+", " ", prompt).strip().casefold()
+
+
+def toy_pair_prompts(toy_cfg: ToyTaskConfig, num_prompts: int, seed: int) -> list[Messages]:
+    """Distinct prompts from the toy *train* pool (the eval pool is excluded entirely)."""
+    # Asking for more eval prompts than exist returns the whole eval pool (public API only).
+    eval_pool = set(toy.problems(dataclasses.replace(toy_cfg, num_eval=10**9), "eval"))
+    pool = [
+        toy.AdditionProblem(a, b)
+        for a in toy.OPERANDS
+        for b in toy.OPERANDS
+        if toy.AdditionProblem(a, b) not in eval_pool
+    ]
+    rng = random.Random(f"alignpipe-pairs-prompts:{seed}")
+    if num_prompts <= len(pool):
+        chosen = rng.sample(pool, num_prompts)
+    else:  # more prompts than the pool holds: repeat prompts (their samples still differ)
+        chosen = [rng.choice(pool) for _ in range(num_prompts)]
+    return [p.messages() for p in chosen]
+
+
+def toy_eval_prompt_keys(toy_cfg: ToyTaskConfig) -> set[str]:
+    """Held-out eval prompts that no training pair may contain."""
+    return {prompt_key(p.prompt) for p in toy.eval_prompts(toy_cfg)}
+
+
+# ----------------------------------------------------------------------------- pairing
+
+
+def _row(prompt: Messages, chosen: str, rejected: str, margin: float) -> Row:
+    return {
+        "prompt": [dict(m) for m in prompt],
+        "chosen": [{"role": "assistant", "content": chosen}],
+        "rejected": [{"role": "assistant", "content": rejected}],
+        "margin": float(margin),
+    }
+
+
+def build_pairs(
+    prompts: Sequence[Messages],
+    samples: Sequence[Sequence[str]],
+    scores: Sequence[Sequence[float]],
+    *,
+    strategy: str = "best_vs_worst",
+    min_margin: float = 0.5,
+    max_length_ratio: float | None = None,
+    seed: int = 0,
+    eval_prompt_keys: set[str] | frozenset[str] = frozenset(),
+    references: Sequence[str | None] | None = None,
+    reference_scores: Sequence[float | None] | None = None,
+) -> tuple[list[Row], dict[str, Any]]:
+    """At most one pair per prompt from its scored samples; pure and seeded.
+
+    ``references``/``reference_scores`` (the demonstration and its judge score) are needed by
+    ``ground_truth_vs_sample``. Among equally scored candidates the pick is random, from an
+    RNG keyed by (seed, prompt), so a pair never depends on the order of the prompts.
+    Returns the rows and stats: counts dropped per reason (`DROP_REASONS`), kept, mean margin.
+    """
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"data.pairs.strategy={strategy!r} is not one of {list(STRATEGIES)}")
+    if not len(prompts) == len(samples) == len(scores):
+        raise ValueError(
+            f"prompts, samples and scores differ in length: "
+            f"{len(prompts)}, {len(samples)}, {len(scores)}"
+        )
+    if strategy == "ground_truth_vs_sample" and (references is None or reference_scores is None):
+        raise ValueError("ground_truth_vs_sample needs references and reference_scores")
+    dropped = dict.fromkeys(DROP_REASONS, 0)
+    rows: list[Row] = []
+    for i, (prompt, texts, marks) in enumerate(zip(prompts, samples, scores)):
+        if len(texts) != len(marks) or not texts:
+            raise ValueError(f"prompt {i}: {len(texts)} samples but {len(marks)} scores")
+        if prompt_key(prompt) in eval_prompt_keys:
+            dropped["contaminated"] += 1
+            continue
+        rng = random.Random(f"alignpipe-pairs:{seed}:{json.dumps(prompt, sort_keys=True)}")
+        if strategy == "ground_truth_vs_sample":
+            assert references is not None and reference_scores is not None
+            chosen, chosen_score = references[i], reference_scores[i]
+            if chosen is None or chosen_score is None:
+                raise ValueError(f"prompt {i} has no ground-truth reply for {strategy}")
+            candidates = [j for j, t in enumerate(texts) if t != chosen]
+            if not candidates:
+                dropped["identical"] += 1
+                continue
+            j = rng.choice(candidates)
+            rejected, rejected_score = texts[j], marks[j]
+        else:
+            best = max(marks)
+            worst = min(marks)
+            if best == worst:
+                dropped["ties"] += 1
+                continue
+            b = rng.choice([j for j, s in enumerate(marks) if s == best])
+            if strategy == "best_vs_worst":
+                pool = [j for j, s in enumerate(marks) if s == worst]
+            else:
+                pool = [j for j in range(len(texts)) if j != b]
+            r = rng.choice(pool)
+            chosen, chosen_score = texts[b], marks[b]
+            rejected, rejected_score = texts[r], marks[r]
+        margin = chosen_score - rejected_score
+        if chosen == rejected:
+            dropped["identical"] += 1
+        elif margin == 0:
+            dropped["ties"] += 1
+        elif margin < min_margin - 1e-9:  # tolerance: 0.7 - 0.2 < 0.5 in floating point
+            dropped["margin"] += 1
+        elif max_length_ratio is not None and len(chosen) > max_length_ratio * max(
+            len(rejected), 1
+        ):
+            # A judge that likes long answers teaches length, not quality: cap the ratio.
+            dropped["length"] += 1
+        else:
+            rows.append(_row(prompt, chosen, rejected, margin))
+    kept, dedupe = dedupe_preference_rows(rows)
+    dropped["duplicates"] = dedupe["duplicates_dropped"]
+    dropped["identical"] += dedupe["identical_chosen_rejected_dropped"]
+    margins = [r["margin"] for r in kept]
+    stats = {
+        "prompts": len(prompts),
+        "kept": len(kept),
+        "dropped": dropped,
+        "mean_margin": sum(margins) / len(margins) if margins else 0.0,
+    }
+    return kept, stats
+
+
+def split_heldout(rows: Sequence[Row], fraction: float, seed: int) -> tuple[list[Row], list[Row]]:
+    """Split by prompt (all pairs of one prompt land on the same side), keyed by a hash.
+
+    The side of a prompt depends only on (seed, prompt), never on the other rows, so adding
+    prompts does not reshuffle the held-out set.
+    """
+    if not 0 <= fraction < 1:
+        raise ValueError(f"heldout fraction must be in [0, 1), got {fraction}")
+    train: list[Row] = []
+    heldout: list[Row] = []
+    for row in rows:
+        digest = hashlib.sha256(
+            f"alignpipe-heldout:{seed}:{prompt_key(row['prompt'])}".encode()
+        ).digest()
+        is_heldout = int.from_bytes(digest[:8], "big") / 2**64 < fraction
+        (heldout if is_heldout else train).append(row)
+    return train, heldout
+
+
+# ---------------------------------------------------------------------------- pair sets
+
+
+@dataclass
+class PairSet:
+    """Train and held-out preference rows plus what the run manifest records."""
+
+    train: list[Row]
+    heldout: list[Row]
+    info: dict[str, Any] = field(default_factory=dict)  # recipe, stats, content hashes, cache
+
+    def train_dataset(self) -> Any:
+        """The train rows as a `datasets.Dataset` (what DPOTrainer / RewardTrainer take)."""
+        import datasets
+
+        if not self.train:
+            raise ValueError(f"no training pairs left ({self.info.get('stats')})")
+        return datasets.Dataset.from_list(self.train)
+
+
+def cache_key(inputs: dict[str, Any]) -> str:
+    """Short sha256 of the canonical JSON of everything that determines a generated set."""
+    payload = json.dumps({"version": PAIRS_VERSION, **inputs}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _read_jsonl(path: Path) -> list[Row]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _write_cache(directory: Path, train: list[Row], heldout: list[Row], info: dict) -> None:
+    # Local import: handoff is the one place that writes files atomically.
+    from stages.core.handoff import write_json_atomic, write_jsonl_atomic
+
+    write_jsonl_atomic(directory / TRAIN_FILE, train)
+    write_jsonl_atomic(directory / HELDOUT_FILE, heldout)
+    write_json_atomic(directory / STATS_FILE, info)  # last: its presence marks a complete set
+
+
+def load_cached(directory: Path) -> PairSet | None:
+    """A previously generated set, or None when absent or incomplete."""
+    if not (directory / STATS_FILE).is_file():
+        return None
+    info = json.loads((directory / STATS_FILE).read_text())
+    train, heldout = _read_jsonl(directory / TRAIN_FILE), _read_jsonl(directory / HELDOUT_FILE)
+    if content_hash(train) != info.get("content_hash"):
+        log.warning("cached pairs in %s do not match their hash; regenerating", directory)
+        return None
+    return PairSet(train, heldout, {**info, "cache": {"path": str(directory), "reused": True}})
+
+
+def generate_pairs(
+    policy: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    pairs_cfg: PairsConfig,
+    toy_cfg: ToyTaskConfig,
+    model_cfg: ModelConfig,
+    policy_id: dict[str, Any],
+    cache_root: Path,
+    judge: Judge | None = None,
+) -> PairSet:
+    """On-policy pairs from ``policy``'s own samples, cached under ``cache_root/<key>/``.
+
+    ``policy_id`` identifies the checkpoint sampled (e.g. the parent stage's manifest ref
+    with its sha256): it is part of the cache key, so a retrained policy regenerates. Only
+    the embedded toy task has a prompt source today; ``judge`` defaults to
+    ``resolve_judge(pairs_cfg.judge)``.
+    """
+    from stages.core.generation import generate_replies
+    from stages.core.runtime import is_main_process
+
+    judge = judge or resolve_judge(pairs_cfg.judge)
+    key_inputs = {
+        "policy": policy_id,
+        "pairs": dataclasses.asdict(pairs_cfg),
+        "toy": dataclasses.asdict(toy_cfg),
+        "generation": {
+            "max_new_tokens": model_cfg.max_new_tokens,
+            "max_prompt_length": model_cfg.max_prompt_length,
+        },
+        "judge": judge.name,
+    }
+    key = cache_key(key_inputs)
+    directory = Path(cache_root) / key
+    cached = load_cached(directory)
+    if cached is not None:
+        log.info("reusing %d cached pairs from %s", len(cached.train), directory)
+        return cached
+
+    prompts = toy_pair_prompts(toy_cfg, pairs_cfg.num_prompts, pairs_cfg.seed)
+    samples = generate_replies(
+        policy,
+        tokenizer,
+        prompts,
+        max_new_tokens=model_cfg.max_new_tokens,
+        max_prompt_length=model_cfg.max_prompt_length,
+        batch_size=pairs_cfg.generation_batch_size,
+        do_sample=True,
+        temperature=pairs_cfg.temperature,
+        num_return_sequences=pairs_cfg.samples_per_prompt,
+        seed=pairs_cfg.seed,
+        progress=f"pairs: sampling {pairs_cfg.samples_per_prompt} per prompt",
+    )
+    flat_prompts = [p for p, replies in zip(prompts, samples) for _ in replies]
+    flat_scores = judge.score_all(flat_prompts, [r for replies in samples for r in replies])
+    n = pairs_cfg.samples_per_prompt
+    scores = [flat_scores[i * n : (i + 1) * n] for i in range(len(prompts))]
+    references = reference_scores = None
+    if pairs_cfg.strategy == "ground_truth_vs_sample":
+        references = [toy.correct_reply(_toy_problem(p)) for p in prompts]
+        reference_scores = judge.score_all(prompts, references)
+    rows, stats = build_pairs(
+        prompts,
+        samples,
+        scores,
+        strategy=pairs_cfg.strategy,
+        min_margin=pairs_cfg.min_margin,
+        max_length_ratio=pairs_cfg.max_length_ratio,
+        seed=pairs_cfg.seed,
+        eval_prompt_keys=toy_eval_prompt_keys(toy_cfg),
+        references=references,
+        reference_scores=reference_scores,
+    )
+    train, heldout = split_heldout(rows, pairs_cfg.heldout_fraction, pairs_cfg.seed)
+    correct = [[toy.judge(_toy_problem(p), r) for r in rs] for p, rs in zip(prompts, samples)]
+    stats.update(
+        {
+            "generated": sum(len(s) for s in samples),
+            "samples_per_prompt": n,
+            f"pass_at_{n}": sum(any(c) for c in correct) / max(len(prompts), 1),
+            "sample_accuracy": sum(map(sum, correct)) / max(sum(map(len, correct)), 1),
+            "mean_score": sum(flat_scores) / max(len(flat_scores), 1),
+            "train": len(train),
+            "heldout": len(heldout),
+        }
+    )
+    info = {
+        "recipe": f"on_policy/{pairs_cfg.strategy}",
+        "judge": judge.name,
+        "key": key,
+        "key_inputs": key_inputs,
+        "stats": stats,
+        "content_hash": content_hash(train),
+        "heldout_content_hash": content_hash(heldout),
+    }
+    log.info(
+        "pairs: %d kept of %d prompts (pass@%d %.3f, dropped %s)",
+        stats["kept"],
+        stats["prompts"],
+        n,
+        stats[f"pass_at_{n}"],
+        stats["dropped"],
+    )
+    if is_main_process():
+        _write_cache(directory, train, heldout, info)
+    return PairSet(train, heldout, {**info, "cache": {"path": str(directory), "reused": False}})
+
+
+def file_pairs(pairs_cfg: PairsConfig, eval_prompt_keys: set[str] | None = None) -> PairSet:
+    """Pairs from a local preference file (TRL, HH-RLHF, UltraFeedback, ...), decontaminated
+    against ``eval_prompt_keys`` and split into train / held-out by prompt."""
+    if not pairs_cfg.path:
+        raise ConfigError("data.pairs.source=file needs data.pairs.path=/path/to/pairs.jsonl")
+    data = load_preference_file(pairs_cfg.path, format=pairs_cfg.format)
+    keys = eval_prompt_keys or set()
+    rows = [dict(r) for r in data.dataset]
+    kept = [r for r in rows if prompt_key(r["prompt"]) not in keys]
+    train, heldout = split_heldout(kept, pairs_cfg.heldout_fraction, pairs_cfg.seed)
+    stats = {
+        **data.stats,
+        "contaminated_dropped": len(rows) - len(kept),
+        "kept": len(kept),
+        "train": len(train),
+        "heldout": len(heldout),
+    }
+    return PairSet(
+        train,
+        heldout,
+        {
+            "recipe": "file",
+            "path": str(pairs_cfg.path),
+            "format": data.format,
+            "file_content_hash": data.content_hash,
+            "stats": stats,
+            "content_hash": content_hash(train),
+            "heldout_content_hash": content_hash(heldout),
+        },
+    )

@@ -1,0 +1,412 @@
+"""Compare a stage's policy with its parent on held-out data: the eval every stage ends with.
+
+Owns `compare_with_parent` (used by the eval stage and at the end of each training stage)
+and the log-prob helpers it is built from:
+
+- task accuracy on the held-out toy prompts, greedy, by the rule judge (policy and parent);
+- win rate by the judge, policy greedy reply vs parent greedy reply per prompt, with ties;
+- mean per-token KL(policy || parent) on the policy's own samples: sample at temperature T,
+  then sum over response tokens of ``logp_policy - logp_parent`` (both at T) / token count;
+- mean response length (characters and tokens) of the greedy replies;
+- preference accuracy and mean log-prob margin (chosen - rejected, summed over the response
+  tokens) on held-out pairs, for both models, plus the implicit-reward accuracy of the policy
+  against the parent (what DPO's ``rewards/accuracies`` reports at train time).
+
+Responses are tokenised exactly as TRL's preference trainers do: the prompt rendered with the
+chat template and the generation prompt, the completion = (prompt + reply) minus that prefix,
+so the margins here are the quantities DPO optimises.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+from transformers import GenerationConfig, PreTrainedTokenizerBase
+
+from data_recipes import toy
+from stages.core.generation import left_pad, render_prompts
+from stages.core.runtime import is_main_process
+from stages.core.schema import DataConfig, ModelConfig, ToyTaskConfig
+from stages.core.task_eval import greedy_replies
+
+log = logging.getLogger(__name__)
+
+Messages = list[dict[str, str]]
+
+
+@dataclass
+class Comparison:
+    """Metrics of a policy vs its parent, the printable table, and per-prompt samples."""
+
+    metrics: dict[str, float]
+    table: str
+    samples: list[dict[str, Any]] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------- log-probs
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _chat_ids(tokenizer: PreTrainedTokenizerBase, messages: Messages, **kwargs: Any) -> list[int]:
+    ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False, **kwargs)
+    if isinstance(ids, dict):  # some tokenizers return a BatchEncoding regardless
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+def tokenize_completion(
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: Messages | str,
+    completion: Messages | str,
+) -> tuple[list[int], list[int]]:
+    """(prompt ids, completion ids) the way TRL's DPOTrainer tokenises a preference row."""
+    if isinstance(prompt, str):
+        completion_text = completion if isinstance(completion, str) else completion[-1]["content"]
+        if not completion_text.endswith(tokenizer.eos_token):
+            completion_text += tokenizer.eos_token  # TRL appends EOS to plain-text completions
+        prompt_ids = tokenizer(prompt)["input_ids"]
+        full_ids = tokenizer(prompt + completion_text)["input_ids"]
+    else:
+        reply = completion if isinstance(completion, list) else [
+            {"role": "assistant", "content": completion}
+        ]  # fmt: skip
+        prompt_ids = _chat_ids(tokenizer, prompt, add_generation_prompt=True)
+        full_ids = _chat_ids(tokenizer, [*prompt, *reply])
+    cut = _common_prefix(prompt_ids, full_ids)
+    return full_ids[:cut], full_ids[cut:]
+
+
+@torch.no_grad()
+def response_logprobs(
+    model: torch.nn.Module,
+    prompt_ids: Sequence[Sequence[int]],
+    response_ids: Sequence[Sequence[int]],
+    *,
+    pad_token_id: int,
+    temperature: float = 1.0,
+    batch_size: int = 64,
+) -> list[torch.Tensor]:
+    """Per-token log-probs (fp32) of each response given its prompt, at ``temperature``.
+
+    Right-padded batches: every sequence starts at position 0, as in training.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out: list[torch.Tensor] = []
+    for start in range(0, len(prompt_ids), batch_size):
+        prompts = prompt_ids[start : start + batch_size]
+        responses = response_ids[start : start + batch_size]
+        seqs = [list(p) + list(r) for p, r in zip(prompts, responses)]
+        width = max(len(s) for s in seqs)
+        input_ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
+        attention = torch.zeros((len(seqs), width), dtype=torch.long)
+        for row, seq in enumerate(seqs):
+            input_ids[row, : len(seq)] = torch.tensor(seq)
+            attention[row, : len(seq)] = 1
+        logits = model(
+            input_ids=input_ids.to(device), attention_mask=attention.to(device), use_cache=False
+        ).logits.float()
+        logps = torch.log_softmax(logits[:, :-1] / temperature, dim=-1)
+        targets = input_ids[:, 1:].to(device)
+        token_logps = logps.gather(-1, targets.unsqueeze(-1)).squeeze(-1).cpu()
+        for row, (p, r) in enumerate(zip(prompts, responses)):
+            # Token t of the sequence is predicted at position t - 1.
+            out.append(token_logps[row, len(p) - 1 : len(p) - 1 + len(r)])
+    model.train(was_training)
+    return out
+
+
+@torch.no_grad()
+def sample_responses(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[Messages],
+    *,
+    temperature: float,
+    max_new_tokens: int,
+    max_prompt_length: int,
+    seed: int,
+    batch_size: int = 64,
+) -> tuple[list[list[int]], list[list[int]]]:
+    """One sampled response per prompt, as token ids (cut after the first EOS, inclusive).
+
+    Like `stages.core.generation.generate_replies`, but keeps the ids: the KL estimate must
+    score exactly the tokens that were sampled.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=True,
+        temperature=temperature,
+        top_k=0,
+        top_p=1.0,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        use_cache=True,
+    )
+    encoded = render_prompts(tokenizer, prompts, max_prompt_length)
+    responses: list[list[int]] = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for start in range(0, len(encoded), batch_size):
+            input_ids, attention = left_pad(
+                encoded[start : start + batch_size], tokenizer.pad_token_id
+            )
+            out = model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=attention.to(device),
+                generation_config=config,
+            )
+            for row in out[:, input_ids.shape[1] :].tolist():
+                if tokenizer.eos_token_id in row:
+                    row = row[: row.index(tokenizer.eos_token_id) + 1]
+                responses.append(row)
+    model.train(was_training)
+    return encoded, responses
+
+
+def kl_per_token(
+    policy: torch.nn.Module,
+    parent: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[Messages],
+    model_cfg: ModelConfig,
+    *,
+    temperature: float = 1.0,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Monte-Carlo KL(policy || parent) per response token on the policy's own samples."""
+    prompt_ids, responses = sample_responses(
+        policy,
+        tokenizer,
+        prompts,
+        temperature=temperature,
+        max_new_tokens=model_cfg.max_new_tokens,
+        max_prompt_length=model_cfg.max_prompt_length,
+        seed=seed,
+    )
+    kept = [(p, r) for p, r in zip(prompt_ids, responses) if r]
+    if not kept:
+        return {"kl_per_token": float("nan"), "kl_tokens": 0.0}
+    p_ids, r_ids = [k[0] for k in kept], [k[1] for k in kept]
+    pad = tokenizer.pad_token_id
+    on_policy = response_logprobs(policy, p_ids, r_ids, pad_token_id=pad, temperature=temperature)
+    on_parent = response_logprobs(parent, p_ids, r_ids, pad_token_id=pad, temperature=temperature)
+    total = sum(float((a - b).sum()) for a, b in zip(on_policy, on_parent))
+    tokens = sum(len(r) for r in r_ids)
+    return {
+        "kl_per_token": total / tokens,
+        "kl_per_sequence": total / len(r_ids),
+        "kl_tokens": float(tokens),
+    }
+
+
+def preference_logps(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: Sequence[dict[str, Any]],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed completion log-probs of chosen and of rejected, one entry per pair."""
+    chosen = [tokenize_completion(tokenizer, p["prompt"], p["chosen"]) for p in pairs]
+    rejected = [tokenize_completion(tokenizer, p["prompt"], p["rejected"]) for p in pairs]
+    pad = tokenizer.pad_token_id
+    lc = response_logprobs(model, [c[0] for c in chosen], [c[1] for c in chosen], pad_token_id=pad)
+    lr = response_logprobs(
+        model, [r[0] for r in rejected], [r[1] for r in rejected], pad_token_id=pad
+    )
+    return torch.stack([x.sum() for x in lc]), torch.stack([x.sum() for x in lr])
+
+
+# ------------------------------------------------------------------------ comparison
+
+
+def task_config(data_cfg: DataConfig) -> ToyTaskConfig | None:
+    """The toy task's config when the experiment is built on it (task metrics apply), else
+    None: a model trained only on your own files is compared on its held-out pairs alone."""
+    if data_cfg.sft.source == "toy" or data_cfg.pairs.source == "on_policy":
+        return data_cfg.toy
+    return None
+
+
+def _table(rows: list[tuple[str, Any, Any]], policy_name: str, parent_name: str) -> str:
+    def fmt(value: Any) -> str:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return "-"
+        return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+    header = ("metric", parent_name, policy_name, "delta")
+    body = []
+    for name, parent_value, policy_value in rows:
+        delta = None
+        if isinstance(parent_value, float) and isinstance(policy_value, float):
+            delta = policy_value - parent_value
+        body.append((name, fmt(parent_value), fmt(policy_value), fmt(delta)))
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(4)]
+    line = "-+-".join("-" * w for w in widths)
+    render = [
+        " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        for r in [header, *body]
+    ]
+    return "\n".join([render[0], line, *render[1:]])
+
+
+def compare_with_parent(
+    policy: torch.nn.Module,
+    parent: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    toy_cfg: ToyTaskConfig | None,
+    model_cfg: ModelConfig,
+    heldout_pairs: Sequence[dict[str, Any]] = (),
+    num_kl_samples: int = 64,
+    temperature: float = 1.0,
+    seed: int = 0,
+    policy_name: str = "policy",
+    parent_name: str = "parent",
+    prefix: str = "compare",
+) -> Comparison:
+    """Score ``policy`` against ``parent`` (see the module docstring); nothing is trained.
+
+    ``toy_cfg=None`` skips the task metrics (accuracy, win rate, KL prompts come from the
+    held-out pairs then); ``heldout_pairs`` empty skips the preference metrics.
+    """
+    m: dict[str, float] = {}
+    rows: list[tuple[str, Any, Any]] = []
+    samples: list[dict[str, Any]] = []
+    steps = ["greedy", "kl", "pairs"]
+    bar = tqdm(steps, desc=f"compare {policy_name} vs {parent_name}", disable=not is_main_process())
+    kl_prompts: list[Messages] = []
+    for step in bar:
+        if step == "greedy" and toy_cfg is not None:
+            problems = toy.eval_prompts(toy_cfg)
+            mine = greedy_replies(policy, tokenizer, problems, model_cfg)
+            theirs = greedy_replies(parent, tokenizer, problems, model_cfg)
+            s_mine = [toy.judge(p, r) for p, r in zip(problems, mine)]
+            s_theirs = [toy.judge(p, r) for p, r in zip(problems, theirs)]
+            n = max(len(problems), 1)
+            wins = sum(a > b for a, b in zip(s_mine, s_theirs))
+            ties = sum(a == b for a, b in zip(s_mine, s_theirs))
+            losses = sum(a < b for a, b in zip(s_mine, s_theirs))
+            tok = [len(tokenizer(r)["input_ids"]) for r in mine]
+            tok_parent = [len(tokenizer(r)["input_ids"]) for r in theirs]
+            m.update(
+                {
+                    f"{prefix}/policy_accuracy": sum(s_mine) / n,
+                    f"{prefix}/parent_accuracy": sum(s_theirs) / n,
+                    f"{prefix}/accuracy_delta": (sum(s_mine) - sum(s_theirs)) / n,
+                    f"{prefix}/win_rate": wins / n,
+                    f"{prefix}/tie_rate": ties / n,
+                    f"{prefix}/loss_rate": losses / n,
+                    f"{prefix}/policy_evasive_rate": sum(
+                        r.strip().startswith(toy.EVASIVE_REPLY[:8]) for r in mine
+                    )
+                    / n,
+                    f"{prefix}/parent_evasive_rate": sum(
+                        r.strip().startswith(toy.EVASIVE_REPLY[:8]) for r in theirs
+                    )
+                    / n,
+                    f"{prefix}/policy_response_chars": sum(map(len, mine)) / n,
+                    f"{prefix}/parent_response_chars": sum(map(len, theirs)) / n,
+                    f"{prefix}/policy_response_tokens": sum(tok) / n,
+                    f"{prefix}/parent_response_tokens": sum(tok_parent) / n,
+                    f"{prefix}/num_prompts": float(len(problems)),
+                }
+            )
+            rows += [
+                ("greedy accuracy", m[f"{prefix}/parent_accuracy"], m[f"{prefix}/policy_accuracy"]),
+                (
+                    "evasive rate",
+                    m[f"{prefix}/parent_evasive_rate"],
+                    m[f"{prefix}/policy_evasive_rate"],
+                ),
+                (
+                    "response length (chars)",
+                    m[f"{prefix}/parent_response_chars"],
+                    m[f"{prefix}/policy_response_chars"],
+                ),
+                (
+                    "response length (tokens)",
+                    m[f"{prefix}/parent_response_tokens"],
+                    m[f"{prefix}/policy_response_tokens"],
+                ),
+                ("win / tie / loss", None, f"{wins} / {ties} / {losses} of {len(problems)}"),
+            ]
+            samples = [
+                {
+                    "prompt": p.prompt,
+                    "answer": p.answer,
+                    "reply": a,
+                    "correct": bool(sa),
+                    "parent_reply": b,
+                    "parent_correct": bool(sb),
+                }
+                for p, a, b, sa, sb in zip(problems, mine, theirs, s_mine, s_theirs)
+            ]
+            kl_prompts = [p.messages() for p in problems]
+        elif step == "kl" and num_kl_samples > 0:
+            if not kl_prompts:
+                kl_prompts = [
+                    p["prompt"] for p in heldout_pairs if not isinstance(p["prompt"], str)
+                ]
+            if kl_prompts:
+                chosen = [kl_prompts[i % len(kl_prompts)] for i in range(num_kl_samples)]
+                kl = kl_per_token(
+                    policy,
+                    parent,
+                    tokenizer,
+                    chosen,
+                    model_cfg,
+                    temperature=temperature,
+                    seed=seed,
+                )
+                m.update({f"{prefix}/{k}": v for k, v in kl.items()})
+                rows.append(
+                    (f"KL(policy||parent)/token @T={temperature:g}", None, kl["kl_per_token"])
+                )
+        elif step == "pairs" and heldout_pairs:
+            pol_c, pol_r = preference_logps(policy, tokenizer, heldout_pairs)
+            par_c, par_r = preference_logps(parent, tokenizer, heldout_pairs)
+            pol_margin, par_margin = pol_c - pol_r, par_c - par_r
+            implicit = (pol_c - par_c) - (pol_r - par_r)
+            m.update(
+                {
+                    f"{prefix}/heldout_pairs": float(len(heldout_pairs)),
+                    f"{prefix}/policy_pref_accuracy": float((pol_margin > 0).float().mean()),
+                    f"{prefix}/parent_pref_accuracy": float((par_margin > 0).float().mean()),
+                    f"{prefix}/policy_logp_margin": float(pol_margin.mean()),
+                    f"{prefix}/parent_logp_margin": float(par_margin.mean()),
+                    f"{prefix}/implicit_reward_accuracy": float((implicit > 0).float().mean()),
+                }
+            )
+            rows += [
+                (
+                    f"held-out pref. accuracy (n={len(heldout_pairs)})",
+                    m[f"{prefix}/parent_pref_accuracy"],
+                    m[f"{prefix}/policy_pref_accuracy"],
+                ),
+                (
+                    "held-out logp margin (chosen-rejected)",
+                    m[f"{prefix}/parent_logp_margin"],
+                    m[f"{prefix}/policy_logp_margin"],
+                ),
+                ("implicit reward accuracy", None, m[f"{prefix}/implicit_reward_accuracy"]),
+            ]
+    table = _table(rows, policy_name, parent_name)
+    return Comparison(metrics=m, table=table, samples=samples)

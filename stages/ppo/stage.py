@@ -1,0 +1,318 @@
+"""PPO stage: optimise the SFT policy against the RM's reward, KL-penalised to the SFT policy.
+
+Recipe: resolve the SFT parent and the RM stage (both through their manifests; the RM must
+have been trained on this SFT) -> PPO knobs (validated with the config) -> tokenised training
+prompts (toy train pool, or the prompts of a pairs file; eval prompts never) -> the four
+roles -> our PPOTrainer under accelerate, resuming from the last checkpoint -> compare the
+policy with the SFT parent on held-out prompts -> save final/, manifest, DONE.
+
+Roles (``stages.ppo.roles``), by ``peft``:
+
+- none: policy = SFT full weights (trained); reference = a frozen second copy; reward =
+  the RM; value = a trainable copy of the RM (``stage.value_from=reward``) or the SFT weights
+  with a fresh head (``policy``).
+- lora (and qlora with ``share_base=false``): the same four models, the policy continuing the
+  SFT adapter (``parent_adapter=continue``, reference = a frozen load of the SFT adapter) or
+  a fresh adapter on the merged SFT weights (``merge``, reference = adapters disabled).
+- qlora with ``share_base=true``: ONE 4-bit base holding the RM's base weights (the SFT
+  merged in full precision, which the RM stage saved) and four adapters: policy (fresh,
+  trained), value (from the RM adapter, trained), reward (the RM adapter, frozen); the
+  reference is that base with adapters disabled, i.e. the SFT policy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import logging
+import resource
+from pathlib import Path
+from typing import Any
+
+from accelerate import Accelerator
+from omegaconf import DictConfig
+from peft import PeftModel
+
+from data_recipes import pairs as pair_recipes
+from stages.core.comparison import compare_with_parent, task_config
+from stages.core.handoff import HandoffError, ParentStage, resolve_parent
+from stages.core.lifecycle import StageRun
+from stages.core.models import (
+    BASE_MODEL_FILE,
+    BaseModelRef,
+    LoadedModel,
+    _from_pretrained,
+    load_stage_model,
+    load_tokenizer,
+    load_trainable_model,
+    lora_config,
+    quantization_config,
+    quantized_base_copy,
+    resolve_base_model,
+)
+from stages.core.models import save_final as save_model
+from stages.core.reward_scoring import load_reward_model
+from stages.core.runtime import is_main_process, use_cpu
+from stages.core.schema import Config, ConfigError, PPOStageConfig
+from stages.ppo.config import PPOHyperparams
+from stages.ppo.roles import PPORoles, SeparateRoles, SharedBaseRoles
+from stages.ppo.trainer import PPOTrainer
+
+log = logging.getLogger(__name__)
+
+
+def ppo_hyperparams(knobs: PPOStageConfig, seed: int) -> PPOHyperparams:
+    """The PPOHyperparams part of the stage config; the stage seed defaults to the run's."""
+    names = {f.name for f in dataclasses.fields(PPOHyperparams)}
+    values = {name: getattr(knobs, name) for name in names}
+    values["seed"] = seed if knobs.seed is None else knobs.seed
+    return PPOHyperparams(**values)
+
+
+def resolve_reward_stage(c: Config, sft: ParentStage) -> ParentStage:
+    """The RM stage, checked to be a reward model trained on this very SFT output."""
+    knobs = c.stage
+    rm = resolve_parent(c.paths.runs_root, c.experiment_name, knobs.reward_stage, child="ppo")
+    rm_parent = rm.manifest.get("parent") or {}
+    if rm_parent.get("manifest_sha256") != sft.manifest_sha256:
+        raise HandoffError(
+            f"the reward model in {rm.run_dir} was trained on another SFT output than "
+            f"{sft.run_dir} (its parent manifest sha {rm_parent.get('manifest_sha256')!r} vs "
+            f"{sft.manifest_sha256!r}): re-run it with `make {knobs.reward_stage} "
+            f"EXP={c.experiment_name} ARGS=force=true`"
+        )
+    rm_peft = "none" if rm.kind == "full" else rm.kind
+    if rm_peft != c.peft.kind:
+        raise ConfigError(
+            f"peft={c.peft.kind} but the reward model in {rm.run_dir} is {rm.kind}: run every "
+            f"stage of an experiment with the same peft (make sft rm ppo EXP=...)"
+        )
+    return rm
+
+
+def training_prompts(c: Config, tokenizer: Any) -> list[list[int]]:
+    """Token ids of the PPO prompts, chat-templated with the generation prompt; left-truncated
+    to ``model.max_prompt_length``. Held-out eval prompts are never among them."""
+    pairs_cfg, knobs = c.data.pairs, c.stage
+    if pairs_cfg.source == "file":
+        eval_keys = pair_recipes.toy_eval_prompt_keys(c.data.toy)
+        rows = pair_recipes.file_pairs(pairs_cfg, eval_keys).train
+        seen: dict[str, Any] = {}
+        for row in rows:
+            seen.setdefault(pair_recipes.prompt_key(row["prompt"]), row["prompt"])
+        prompts = list(seen.values())[: knobs.num_prompts]
+    else:
+        prompts = pair_recipes.toy_pair_prompts(c.data.toy, knobs.num_prompts, c.seed)
+    encoded = []
+    for prompt in prompts:
+        if isinstance(prompt, str):
+            ids = tokenizer(prompt)["input_ids"]
+        else:
+            ids = tokenizer.apply_chat_template(
+                prompt, add_generation_prompt=True, tokenize=True, return_dict=True
+            )["input_ids"]
+        encoded.append(list(ids)[-c.model.max_prompt_length :])
+    return encoded
+
+
+@dataclasses.dataclass
+class BuiltRoles:
+    """The roles plus what the final save and the manifest need to know about the policy."""
+
+    roles: PPORoles
+    policy: LoadedModel  # model = the trained policy module; base = what its weights sit on
+    description: dict[str, Any]
+
+
+def build_roles(stage: StageRun, sft: ParentStage, rm: ParentStage) -> BuiltRoles:
+    c, knobs = stage.cfg, stage.cfg.stage
+    if c.peft.kind == "qlora" and knobs.share_base:
+        return _shared_base_roles(stage, rm)
+    loaded = load_trainable_model(
+        model_cfg=c.model, peft_cfg=c.peft, paths=c.paths, precision=stage.precision,
+        run_dir=stage.run_dir, stage="ppo", parent=sft, parent_adapter=knobs.parent_adapter,
+    )  # fmt: skip
+    fresh_on_merged = (
+        isinstance(loaded.model, PeftModel) and loaded.provenance.get("parent_adapter") == "merged"
+    )
+    # A fresh adapter on the merged SFT weights: switching the adapter off *is* the SFT policy.
+    reference = None if fresh_on_merged else load_stage_model(sft, c.model, c.peft, stage.precision)
+    reward = load_reward_model(rm, c.model, stage.precision, peft_cfg=c.peft)
+    if knobs.value_from == "reward":
+        value = load_reward_model(rm, c.model, stage.precision, peft_cfg=c.peft, trainable=True)
+    else:
+        value = load_trainable_model(
+            model_cfg=c.model, peft_cfg=c.peft, paths=c.paths, precision=stage.precision,
+            run_dir=stage.run_dir, stage="ppo", task="seq_cls", parent=sft,
+            parent_adapter="merge", pad_token_id=reward.config.pad_token_id,
+        ).model  # fmt: skip
+    roles = SeparateRoles(loaded.model, value, reward, reference)
+    description = {
+        "layout": "separate",
+        "policy": loaded.provenance,
+        "reference": "policy_adapters_disabled" if reference is None else "sft_frozen_copy",
+        "reward": rm.as_manifest_ref(),
+        "value_from": knobs.value_from,
+    }
+    return BuiltRoles(roles, loaded, description)
+
+
+def _shared_base_roles(stage: StageRun, rm: ParentStage) -> BuiltRoles:
+    """QLoRA: one 4-bit base = the RM's base (the SFT weights, merged), four adapters on it."""
+    c, knobs = stage.cfg, stage.cfg.stage
+    if rm.kind != "qlora":
+        raise ConfigError(
+            f"stage.share_base=true needs a QLoRA reward model; {rm.run_dir} is {rm.kind}"
+        )
+    rm_base = rm.base_model
+    base = _from_pretrained(
+        rm_base["path"], revision=rm_base.get("revision"), task="causal_lm",
+        model_cfg=c.model, peft_cfg=c.peft, precision=stage.precision, pad_token_id=None,
+    )  # fmt: skip
+    roles = SharedBaseRoles.from_adapters(
+        base,
+        reward_adapter=rm.final_dir,
+        sft_adapter=None,  # SFT is merged into this base: reference = adapters disabled
+        policy_lora=lora_config(c.peft, c.model, "causal_lm"),
+        value_init=knobs.value_from,
+    )
+    ref = BaseModelRef(
+        id=resolve_base_model(c.model, c.paths).id, path=rm_base["path"],
+        revision=rm_base.get("revision"),
+    )  # fmt: skip
+    loaded = LoadedModel(roles.model, ref, "qlora", {"parent_adapter": "merged"})
+    description = {
+        "layout": "shared_4bit_base",
+        "base": rm_base["path"],
+        "adapters": sorted(roles.model.peft_config),
+        "reference": "base_adapters_disabled (SFT merged into the shared base)",
+        "reward": rm.as_manifest_ref(),
+        "value_from": knobs.value_from,
+    }
+    return BuiltRoles(roles, loaded, description)
+
+
+def save_policy(
+    built: BuiltRoles, tokenizer: Any, final_dir: Path, peft_cfg: Any, precision: Any
+) -> None:
+    """final/ loads with plain transformers / peft, like every other stage's output."""
+    roles, loaded = built.roles, built.policy
+    if not isinstance(roles, SharedBaseRoles):
+        save_model(loaded, tokenizer, final_dir, model=roles.policy)
+        return
+    roles.save_policy(final_dir)  # the policy adapter alone, as a plain "default" adapter
+    quant = quantization_config(peft_cfg, precision)
+    config_file = final_dir / "adapter_config.json"
+    adapter_cfg = json.loads(config_file.read_text())
+    adapter_cfg["base_model_name_or_path"] = str(
+        quantized_base_copy(loaded.base, quant, final_dir.parent.parent)
+    )
+    config_file.write_text(json.dumps(adapter_cfg, indent=2))
+    tokenizer.save_pretrained(final_dir)
+    (final_dir / BASE_MODEL_FILE).write_text(
+        json.dumps({"kind": loaded.kind, "base_model": loaded.base.as_dict()}, indent=2)
+    )
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    stage = StageRun.begin(cfg, "ppo")
+    if stage.finished:
+        return stage.metrics
+    c, knobs = stage.cfg, stage.cfg.stage
+    sft = stage.parent
+    assert sft is not None  # the schema requires a parent for ppo
+    rm = resolve_reward_stage(c, sft)
+    hyper = ppo_hyperparams(knobs, c.seed)
+
+    with stage:
+        # 1. Tokenizer (with its chat template) from the SFT output, and the prompts.
+        tokenizer = load_tokenizer(sft.final_dir, c.model)
+        prompts = training_prompts(c, tokenizer)
+        log.info("ppo: %d training prompts, %d updates", len(prompts), hyper.num_updates)
+
+        # 2. The four roles, before any eval forward (4-bit CPU layers must keep autograd).
+        built = build_roles(stage, sft, rm)
+        stage.manifest_extra["roles"] = built.description
+
+        # 3. Train, resuming from the newest complete checkpoint-N.
+        history: list[dict[str, float]] = []
+
+        def on_log(metrics: dict[str, float], update: int) -> None:
+            history.append({"update": update, **metrics})
+            stage.tracker.log(metrics, step=update)
+            if is_main_process():
+                log.info(
+                    "update %d: score %.3f kl %.3f rlhf_reward %.3f eos %.2f len %.1f",
+                    update, metrics["objective/scores"], metrics["objective/kl"],
+                    metrics["objective/rlhf_reward"], metrics["response/eos_rate"],
+                    metrics["response/length_mean"],
+                )  # fmt: skip
+
+        trainer = PPOTrainer(
+            hyper, built.roles, prompts, tokenizer=tokenizer,
+            accelerator=Accelerator(cpu=use_cpu()), output_dir=stage.run_dir, on_log=on_log,
+        )  # fmt: skip
+        checkpoint = trainer.latest_checkpoint()
+        if checkpoint is not None:
+            log.info("ppo: resuming from %s", checkpoint)
+            trainer.load_checkpoint(checkpoint)
+        trainer.train()
+        metrics: dict[str, Any] = {"train/updates": trainer.step, **_trends(history)}
+        metrics["perf/peak_rss_mb"] = peak_rss_mb()
+
+        # 4. Compare with the SFT parent on held-out prompts (greedy accuracy, KL, ...).
+        sft_policy = load_stage_model(sft, c.model, c.peft, stage.precision)
+        with built.roles.generation_policy() as policy:
+            comparison = compare_with_parent(
+                policy, sft_policy, tokenizer, toy_cfg=task_config(c.data), model_cfg=c.model,
+                seed=c.seed, policy_name="ppo", parent_name=sft.stage,
+            )  # fmt: skip
+        del sft_policy
+        gc.collect()
+        metrics.update(comparison.metrics)
+        if "compare/policy_accuracy" in metrics:
+            metrics["eval/accuracy"] = metrics["compare/policy_accuracy"]
+        print(comparison.table, flush=True)
+        if is_main_process():
+            (stage.run_dir / "comparison.txt").write_text(comparison.table + "\n")
+
+        # 5. Hand off: final/ (the policy alone), metrics.json, manifest.json, DONE.
+        stage.finish(
+            kind=built.policy.kind,
+            base_model=built.policy.base.as_dict(),
+            metrics=metrics,
+            data={"prompts": len(prompts), "source": c.data.pairs.source},
+            save=lambda final_dir: save_policy(
+                built, tokenizer, final_dir, c.peft, stage.precision
+            ),
+            eval_samples=comparison.samples,
+        )
+    return stage.metrics
+
+
+_TREND_KEYS = (
+    "objective/scores", "objective/kl", "objective/rlhf_reward", "objective/entropy",
+    "policy/approxkl", "policy/clipfrac", "loss/policy", "loss/value", "val/clipfrac",
+    "response/length_mean", "response/eos_rate", "perf/tokens_per_s", "perf/update_s",
+)  # fmt: skip
+
+
+def _trends(history: list[dict[str, float]]) -> dict[str, float]:
+    """First-tenth and last-tenth means of the logged PPO metrics (the trend over the run)."""
+    out: dict[str, float] = {}
+    if not history:
+        return out
+    tenth = max(len(history) // 10, 1)
+    for key in _TREND_KEYS:
+        values = [h[key] for h in history if key in h]
+        if values:
+            name = key.replace("/", "_")
+            out[f"train/{name}_first"] = sum(values[:tenth]) / len(values[:tenth])
+            out[f"train/{name}_last"] = sum(values[-tenth:]) / len(values[-tenth:])
+    return out

@@ -1,0 +1,131 @@
+"""DPO stage: trains from the SFT policy (full / LoRA / QLoRA) against the SFT reference."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from stages import dpo, sft
+from stages.core.handoff import DONE, MANIFEST, file_sha256, last_complete_checkpoint
+
+# The 12-step SFT model of the FAST settings never answers correctly, so on-policy
+# best-vs-worst pairs would all be ties: pair its samples with the correct answer instead.
+PAIRS_FAST = [
+    "data.pairs.num_prompts=64",
+    "data.pairs.samples_per_prompt=2",
+    "data.pairs.strategy=ground_truth_vs_sample",
+    "data.pairs.heldout_fraction=0.2",
+    "stage.logging_steps=1",  # the first log entry is step 1: rewards before any update
+]
+
+
+def _weights(final: Path) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for f in sorted(final.glob("*.safetensors")):
+        tensors.update(load_file(f))
+    assert tensors, f"no safetensors in {final}"
+    return tensors
+
+
+def _log_history(run_dir: Path) -> list[dict]:
+    checkpoint = last_complete_checkpoint(run_dir)
+    assert checkpoint is not None
+    return json.loads((checkpoint / "trainer_state.json").read_text())["log_history"]
+
+
+@pytest.mark.parametrize("peft", ["none", "lora", "qlora"])
+def test_dpo_trains_against_the_sft_reference(compose_cfg, tmp_path, peft) -> None:
+    sft.run(compose_cfg(f"peft={peft}"))
+    metrics = dpo.run(compose_cfg("stage=dpo", f"peft={peft}", *PAIRS_FAST))
+    runs = tmp_path / "runs" / "toy"
+    sft_dir, dpo_dir = runs / "sft", runs / "dpo"
+    assert (dpo_dir / DONE).is_file()
+
+    # The parent and the reference are the SFT stage, named by its manifest hash.
+    manifest = json.loads((dpo_dir / MANIFEST).read_text())
+    sft_sha = file_sha256(sft_dir / MANIFEST)
+    assert manifest["parent"]["stage"] == "sft"
+    assert manifest["parent"]["manifest_sha256"] == sft_sha
+    reference = manifest["reference"]
+    assert reference["stage"] == "sft" and reference["manifest_sha256"] == sft_sha
+    expected_kind = "sft_full_weights" if peft == "none" else "sft_adapter_frozen_copy"
+    assert reference["kind"] == expected_kind
+    assert manifest["config"]["stage"]["beta"] == 0.1
+    assert manifest["config"]["stage"]["sft_weight"] == 1.0  # the default: DPO + NLL (RPO)
+    assert manifest["data"]["recipe"] == "on_policy/ground_truth_vs_sample"
+    assert manifest["data"]["stats"]["kept"] > 0 and manifest["data"]["content_hash"]
+
+    # Reference = the policy DPO starts from (the SFT model): at the first step the implicit
+    # rewards beta * (logp_policy - logp_ref) are exactly 0. A bare-base reference would not
+    # give 0 here, since SFT moved the weights (test_sft checks that).
+    history = _log_history(dpo_dir)
+    first = next(e for e in history if "rewards/margins" in e)
+    assert first["step"] == 1
+    assert first["rewards/chosen"] == 0.0
+    assert first["rewards/rejected"] == 0.0
+    assert first["rewards/margins"] == 0.0
+    last = [e for e in history if "rewards/margins" in e][-1]
+    assert last["rewards/margins"] > 0, "DPO should separate chosen from rejected"
+
+    # DPO changed the parameters it trains.
+    before, after = _weights(sft_dir / "final"), _weights(dpo_dir / "final")
+    assert before.keys() == after.keys(), "final/ holds the trained model/adapter only"
+    trained = [k for k in before if "lora_" in k] if peft != "none" else list(before)
+    assert trained
+    changed = [k for k in trained if not torch.equal(before[k], after[k].to(before[k].dtype))]
+    assert len(changed) == len(trained), f"unchanged: {set(trained) - set(changed)}"
+    if peft != "none":
+        assert not (dpo_dir / "final" / "ref").exists()
+
+    # The stage ended with the comparison against its SFT parent.
+    for key in ("compare/kl_per_token", "compare/win_rate", "compare/policy_logp_margin"):
+        assert key in metrics, key
+    assert metrics["eval/accuracy"] == metrics["compare/policy_accuracy"]
+    assert (dpo_dir / "comparison.txt").read_text().startswith("metric")
+
+
+def test_loss_knobs_reach_trl_and_precomputed_reference_is_sft(compose_cfg, tmp_path) -> None:
+    sft.run(compose_cfg("peft=lora"))
+    knobs = [
+        "stage.loss_type=hinge",
+        "stage.sft_weight=0",
+        "stage.beta=0.3",
+        "stage.precompute_ref_log_probs=true",
+    ]
+    dpo.run(compose_cfg("stage=dpo", "peft=lora", *PAIRS_FAST, *knobs))
+    run_dir = tmp_path / "runs" / "toy" / "dpo"
+    checkpoint = last_complete_checkpoint(run_dir)
+    assert checkpoint is not None
+    args = torch.load(checkpoint / "training_args.bin", weights_only=False)
+    assert args.loss_type == ["hinge"] and args.loss_weights == [1.0]
+    assert args.beta == 0.3 and args.precompute_ref_log_probs is True
+    first = next(e for e in _log_history(run_dir) if "rewards/margins" in e)
+    # Precomputed in other batches (other padding), the reference log-probs match the
+    # policy's at step 1 only to float rounding; a bare-base reference would be off by ~1.
+    assert first["rewards/chosen"] == pytest.approx(0.0, abs=1e-5)
+    assert first["rewards/rejected"] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_dpo_on_a_local_hh_rlhf_file_raises_the_heldout_margin(compose_cfg, tmp_path) -> None:
+    sft.run(compose_cfg())
+    metrics = dpo.run(
+        compose_cfg("stage=dpo", "data=hh_file", "stage.max_steps=40", "stage.learning_rate=1e-3")
+    )
+    manifest = json.loads((tmp_path / "runs" / "toy" / "dpo" / MANIFEST).read_text())
+    assert manifest["data"]["recipe"] == "file" and manifest["data"]["format"] == "hh_rlhf"
+    assert manifest["data"]["stats"]["duplicates_dropped"] == 2
+    assert metrics["compare/heldout_pairs"] >= 4
+    # Held-out pairs from the same file: DPO separates chosen from rejected beyond SFT.
+    assert metrics["compare/policy_logp_margin"] > metrics["compare/parent_logp_margin"] + 1.0
+    assert metrics["compare/implicit_reward_accuracy"] >= 0.75
+
+
+def test_dpo_needs_a_finished_sft(compose_cfg) -> None:
+    from stages.core.handoff import HandoffError
+
+    with pytest.raises(HandoffError, match="make sft"):
+        dpo.run(compose_cfg("stage=dpo"))
