@@ -154,7 +154,7 @@ def test_ppo_needs_its_reward_model_stage(compose_cfg, sft_runs, tmp_path) -> No
     [
         ("stage.max_steps=10", "stage.total_updates"),
         ("stage.per_device_batch_size=4", "stage.rollout_batch_size"),
-        ("stage.rollout_batch_size=10", "divisible"),
+        ("stage.rollout_batch_size=9", "divisible"),
         ("stage.kl_estimator=k2", "stage.kl_estimator"),
     ],
 )

@@ -31,6 +31,11 @@ PAIRS_FAST = [
     "data.pairs.strategy=ground_truth_vs_sample",
     "data.pairs.heldout_fraction=0.2",
 ]
+RM_PAIRS = [
+    "data.pairs.source=file",
+    f"data.pairs.path={REPO / 'tests' / 'fixtures' / 'pref_hh_rlhf.jsonl'}",
+    "data.pairs.heldout_fraction=0.3",
+]
 ENV = {
     "OMP_NUM_THREADS": "1",
     "WANDB_MODE": "offline",
@@ -212,7 +217,44 @@ def test_sft_then_dpo_under_accelerate_with_two_cpu_processes(
     _accelerate(["stage=dpo", *common, *PAIRS_FAST], tmp_path / "dpo.log")
     dpo = _only_rank0_wrote(runs / "toy" / "dpo", "dpo")
     assert dpo["parent"]["manifest_sha256"] == file_sha256(runs / "toy" / "sft" / MANIFEST)
-    assert sorted(p.name for p in (runs / "toy").iterdir()) == ["dpo", "sft"]
+    stage_dirs = sorted(p.name for p in (runs / "toy").iterdir() if not p.name.startswith("_"))
+    assert stage_dirs == ["dpo", "sft"]  # (_pairs/ is the shared cache of generated pairs)
+
+
+@pytest.mark.slow
+def test_ppo_under_accelerate_with_two_cpu_processes(
+    tmp_path: Path, builtin_models_dir: Path, sft_runs
+) -> None:
+    """Our PPO trainer under `accelerate launch` (DDP over gloo): each rank samples half of
+    every rollout, one run dir, one manifest, one W&B run with every update's metrics."""
+    from stages import rm
+
+    runs = tmp_path / "runs"
+    shutil.copytree(sft_runs("none"), runs / "toy" / "sft")
+    common = [f"paths.runs_root={runs}", f"paths.builtin_models={builtin_models_dir}"]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        rm.run(compose(config_name="config", overrides=["stage=rm", *common, *TINY, *RM_PAIRS]))
+    ppo_args = [
+        "stage=ppo", "tracking=wandb", *common, "data.toy.num_eval=16",
+        "stage.total_updates=3", "stage.rollout_batch_size=8", "stage.num_minibatches=2",
+        "stage.response_length=8", "stage.num_prompts=64", "stage.logging_steps=1",
+    ]  # fmt: skip
+    _accelerate(ppo_args, tmp_path / "ppo.log")
+
+    stage_dir = runs / "toy" / "ppo"
+    assert (stage_dir / DONE).is_file()
+    assert [p for p in stage_dir.rglob(MANIFEST) if "final" not in p.parts] == [
+        stage_dir / MANIFEST
+    ]
+    manifest = json.loads((stage_dir / MANIFEST).read_text())
+    assert manifest["world_size"] == 2
+    assert manifest["metrics"]["train/updates"] == 3
+    paths = offline_runs(stage_dir)
+    assert len(paths) == 1, paths
+    run = read_offline_run(paths[0])
+    assert run.job_type == "ppo" and run.state == "finished"
+    assert len(run.series("objective/scores")) == 3
+    assert len(run.series("policy/clipfrac")) == 3
 
 
 @pytest.mark.slow

@@ -23,7 +23,7 @@ from stages.compare import compare
 from stages.core import handoff
 from stages.core.handoff import DONE, MANIFEST
 from stages.core.lifecycle import StageRun
-from stages.core.schema import PPOStageConfig, validate_config
+from stages.core.schema import validate_config
 from stages.core.sweep import (
     VARIANT_MAX,
     WANDB_TAG_MAX,
@@ -183,12 +183,11 @@ def test_named_sweeps_compose_with_their_stage_group_and_grid() -> None:
     assert set(ppo.hydra.sweeper.params) == {"stage.kl_coef"}
 
 
-def test_ppo_kl_sweep_jobs_compose_once_ppo_has_kl_coef() -> None:
-    if "kl_coef" not in PPOStageConfig.__dataclass_fields__:
-        pytest.skip("the ppo stage schema has no kl_coef yet (PPO integration pending)")
+def test_ppo_kl_sweep_jobs_validate_with_their_kl_coef(compose_cfg) -> None:
     values = _hydra_cfg("+sweep=ppo_kl").hydra.sweeper.params["stage.kl_coef"].split(",")
+    assert len(values) >= 3
     for value in values:
-        job = _hydra_cfg("+sweep=ppo_kl", f"stage.kl_coef={value}")
+        job = compose_cfg("+sweep=ppo_kl", f"stage.kl_coef={value}", fast=False)
         assert validate_config(job).stage.kl_coef == float(value)
 
 

@@ -220,6 +220,19 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def role_weights_mb(roles: PPORoles) -> float:
+    """Bytes of every distinct parameter and buffer the four roles hold (a shared base counts
+    once; 4-bit weights count as packed bytes)."""
+    seen: set[int] = set()
+    total = 0
+    for module in (roles.train_module, *roles.frozen_modules().values()):
+        for tensor in (*module.parameters(), *module.buffers()):
+            if tensor.data_ptr() not in seen:
+                seen.add(tensor.data_ptr())
+                total += tensor.numel() * tensor.element_size()
+    return total / 2**20
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     stage = StageRun.begin(cfg, "ppo")
     if stage.finished:
@@ -246,7 +259,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         def on_log(metrics: dict[str, float], update: int) -> None:
             history.append({"update": update, **metrics})
             stage.tracker.log(metrics, step=update)
-            if is_main_process():
+            if is_main_process() and (update % 10 == 0 or update == hyper.num_updates):
                 log.info(
                     "update %d: score %.3f kl %.3f rlhf_reward %.3f eos %.2f len %.1f",
                     update, metrics["objective/scores"], metrics["objective/kl"],
@@ -264,7 +277,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             trainer.load_checkpoint(checkpoint)
         trainer.train()
         metrics: dict[str, Any] = {"train/updates": trainer.step, **_trends(history)}
-        metrics["perf/peak_rss_mb"] = peak_rss_mb()
+        metrics["perf/peak_rss_mb"] = peak_rss_mb()  # before the comparison loads SFT again
+        metrics["perf/role_weights_mb"] = role_weights_mb(built.roles)
 
         # 4. Compare with the SFT parent on held-out prompts (greedy accuracy, KL, ...).
         sft_policy = load_stage_model(sft, c.model, c.peft, stage.precision)
