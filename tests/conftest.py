@@ -87,3 +87,29 @@ def sft_runs(tmp_path_factory: pytest.TempPathFactory, builtin_models_dir: Path)
         return done[peft]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def default_sft(tmp_path_factory: pytest.TempPathFactory, builtin_models_dir: Path) -> Path:
+    """The default `make sft` run (full config, tracking off), trained once per session for
+    the slow end-to-end tests; they copy it to runs/toy/sft under their own tmp_path."""
+    from stages import sft  # heavy (torch, trl): only for the tests that need it
+
+    root = tmp_path_factory.mktemp("default_sft")
+    overrides = [
+        f"paths.runs_root={root}",
+        f"paths.builtin_models={builtin_models_dir}",
+        "tracking=none",
+    ]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        sft.run(compose(config_name="config", overrides=overrides))
+    return root / "toy" / "sft"
+
+
+def copy_run(run_dir: Path, runs_root: Path, stage: str, experiment: str = "toy") -> Path:
+    """Place a finished run at <runs_root>/<experiment>/<stage> (parents resolve from there)."""
+    import shutil
+
+    target = runs_root / experiment / stage
+    shutil.copytree(run_dir, target)
+    return target

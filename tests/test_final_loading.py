@@ -68,9 +68,8 @@ def test_final_reloads_without_alignpipe(compose_cfg, tmp_path, peft) -> None:
 
 
 @pytest.mark.slow
-def test_default_sft_learns_the_task(compose_cfg, tmp_path) -> None:
+def test_default_sft_learns_the_task(default_sft) -> None:
     """The default `make sft` (full config, only tracking off): well above chance."""
-    metrics = sft.run(compose_cfg("tracking=none", fast=False))
-    accuracy = check_final_matches_manifest(tmp_path / "runs" / "toy" / "sft", adapter=False)
+    accuracy = check_final_matches_manifest(default_sft, adapter=False)
     # Chance (a random two-digit sum) is ~1/180; the mixed demonstrations cap greedy accuracy.
-    assert accuracy >= 0.2, metrics
+    assert accuracy >= 0.2

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from trl import RewardConfig, RewardTrainer
 
-from stages import rm, sft
+from stages import rm
 from stages.core.handoff import DONE, MANIFEST, METRICS, HandoffError, resolve_parent
 from stages.core.models import load_tokenizer, resolve_base_model
 from stages.core.reward_scoring import (
@@ -32,7 +32,7 @@ from stages.core.reward_scoring import (
 )
 from stages.core.runtime import resolve_precision
 from stages.core.schema import ConfigError, validate_config
-from tests.conftest import FIXTURES
+from tests.conftest import FIXTURES, copy_run
 
 HH_PAIRS = FIXTURES / "pref_hh_rlhf.jsonl"
 # Held-out share big enough that the 38 fixture pairs leave ~10 to score.
@@ -307,9 +307,9 @@ def test_bad_inputs_fail_clearly(rm_cfg, tmp_path) -> None:
 
 
 @pytest.mark.slow
-def test_default_sft_then_rm_reaches_heldout_accuracy(compose_cfg, tmp_path) -> None:
+def test_default_sft_then_rm_reaches_heldout_accuracy(compose_cfg, tmp_path, default_sft):
     """`make sft rm` on the embedded default (tracking off): held-out accuracy >= 0.85."""
-    sft.run(compose_cfg("tracking=none", fast=False))
+    copy_run(default_sft, tmp_path / "runs", "sft")
     metrics = rm.run(compose_cfg("stage=rm", "tracking=none", fast=False))
     assert metrics["eval/heldout_pairs"] >= 100
     assert metrics["eval/pairwise_accuracy"] >= 0.85, metrics

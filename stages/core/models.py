@@ -29,7 +29,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft import (
+    LoraConfig,
+    PeftModel,
+    get_peft_model,
+    prepare_model_for_kbit_training,
+    set_peft_model_state_dict,
+)
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import load_file
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -248,10 +256,15 @@ def load_trainable_model(
                 f"stage.parent_adapter=merge to train full weights, or use peft={parent.kind}"
             )
         if task != "causal_lm":
-            raise HandoffError(
-                f"stage '{stage}' builds a new head and cannot continue the parent's "
-                "causal-LM adapter: set stage.parent_adapter=merge"
-            )
+            # A new head on the parent's adapter (e.g. a QLoRA reward model on the SFT adapter):
+            # same base, so PPO can later host policy, reference, reward and value on one base.
+            model = _from_pretrained(base.path, revision=base.revision, **load)
+            model = _seq_cls_adapter_from(model, parent.final_dir)
+            if peft_cfg.kind == "qlora":
+                keep_4bit_backward(model)
+            provenance["parent_adapter"] = "continued_as_seq_cls"
+            log.info("reward head on the %s adapter of %s", parent.kind, parent.final_dir)
+            return LoadedModel(model, base, peft_cfg.kind, provenance)
         model = _from_pretrained(base.path, revision=base.revision, **load)
         if peft_cfg.kind == "qlora":
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
@@ -280,6 +293,28 @@ def load_trainable_model(
         keep_4bit_backward(model)
     provenance["fresh_adapter"] = True
     return LoadedModel(model, weights_base, peft_cfg.kind, provenance)
+
+
+def _seq_cls_adapter_from(model: PreTrainedModel, adapter_dir: Path) -> PeftModel:
+    """A trainable SEQ_CLS LoRA on ``model`` whose LoRA weights start as the causal-LM adapter
+    in ``adapter_dir`` (same rank and targets); the score head starts fresh and is saved
+    through modules_to_save like any SEQ_CLS adapter."""
+    config = LoraConfig.from_pretrained(str(adapter_dir))
+    config.task_type = "SEQ_CLS"
+    config.inference_mode = False
+    config.modules_to_save = None  # peft adds the `score` head for SEQ_CLS
+    peft_model = get_peft_model(model, config)
+    weights = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    # peft's loader also expects the (fresh) score head, which the parent adapter lacks.
+    state = {k: v for k, v in get_peft_model_state_dict(peft_model).items() if ".lora_" not in k}
+    result = set_peft_model_state_dict(peft_model, {**state, **weights})
+    unfilled = [k for k in result.missing_keys if ".lora_" in k]
+    if unfilled or result.unexpected_keys:
+        raise HandoffError(
+            f"{adapter_dir}: the adapter does not fit this model's layers (missing "
+            f"{unfilled[:2]}, unexpected {list(result.unexpected_keys)[:2]})"
+        )
+    return peft_model
 
 
 def keep_4bit_backward(model: torch.nn.Module) -> None:

@@ -284,7 +284,9 @@ class DPOStageConfig(StageConfig):
 class RMStageConfig(StageConfig):
     name: str = "rm"
     parent: str | None = "sft"
-    parent_adapter: str = "merge"  # a reward model is a new head on the SFT weights
+    # continue: a SEQ_CLS adapter initialised from the SFT adapter, on the same base (PPO then
+    # shares one 4-bit base); merge: SFT merged into the base, fresh SEQ_CLS adapter.
+    parent_adapter: str = "continue"
     learning_rate: float = 1e-3
     max_steps: int = 300
     center_rewards_coefficient: float | None = None  # pull mean reward to 0 (0.01 in the paper)

@@ -14,10 +14,12 @@ Roles (``stages.ppo.roles``), by ``peft``:
 - lora (and qlora with ``share_base=false``): the same four models, the policy continuing the
   SFT adapter (``parent_adapter=continue``, reference = a frozen load of the SFT adapter) or
   a fresh adapter on the merged SFT weights (``merge``, reference = adapters disabled).
-- qlora with ``share_base=true``: ONE 4-bit base holding the RM's base weights (the SFT
-  merged in full precision, which the RM stage saved) and four adapters: policy (fresh,
-  trained), value (from the RM adapter, trained), reward (the RM adapter, frozen); the
-  reference is that base with adapters disabled, i.e. the SFT policy.
+- qlora with ``share_base=true``: ONE 4-bit base and four adapters. With the default RM
+  (its SEQ_CLS adapter started from the SFT adapter, on the same base): policy = the SFT
+  adapter (trained), ref = a frozen copy of it, reward = the RM adapter (frozen), value = a
+  trained copy of the RM adapter. With an RM on the merged SFT (``rm`` with
+  ``parent_adapter=merge``) the base is that merge, the policy a fresh adapter and the
+  reference the base with adapters disabled.
 """
 
 from __future__ import annotations
@@ -128,7 +130,7 @@ class BuiltRoles:
 def build_roles(stage: StageRun, sft: ParentStage, rm: ParentStage) -> BuiltRoles:
     c, knobs = stage.cfg, stage.cfg.stage
     if c.peft.kind == "qlora" and knobs.share_base:
-        return _shared_base_roles(stage, rm)
+        return _shared_base_roles(stage, sft, rm)
     loaded = load_trainable_model(
         model_cfg=c.model, peft_cfg=c.peft, paths=c.paths, precision=stage.precision,
         run_dir=stage.run_dir, stage="ppo", parent=sft, parent_adapter=knobs.parent_adapter,
@@ -158,14 +160,21 @@ def build_roles(stage: StageRun, sft: ParentStage, rm: ParentStage) -> BuiltRole
     return BuiltRoles(roles, loaded, description)
 
 
-def _shared_base_roles(stage: StageRun, rm: ParentStage) -> BuiltRoles:
-    """QLoRA: one 4-bit base = the RM's base (the SFT weights, merged), four adapters on it."""
+def _shared_base_roles(stage: StageRun, sft: ParentStage, rm: ParentStage) -> BuiltRoles:
+    """QLoRA: one 4-bit base (the RM's base) carrying policy, reference, reward and value.
+
+    RM trained on the SFT adapter (``rm`` with ``parent_adapter=continue``, the default): the
+    base is the pretrained one; policy = the SFT adapter (trained), reference = a frozen copy
+    of it. RM trained on the merged SFT: the base is that merge; policy = a fresh adapter,
+    reference = the base with adapters disabled.
+    """
     c, knobs = stage.cfg, stage.cfg.stage
     if rm.kind != "qlora":
         raise ConfigError(
             f"stage.share_base=true needs a QLoRA reward model; {rm.run_dir} is {rm.kind}"
         )
     rm_base = rm.base_model
+    on_sft_base = sft.kind in ("lora", "qlora") and rm_base["path"] == sft.base_model["path"]
     base = _from_pretrained(
         rm_base["path"], revision=rm_base.get("revision"), task="causal_lm",
         model_cfg=c.model, peft_cfg=c.peft, precision=stage.precision, pad_token_id=None,
@@ -173,20 +182,22 @@ def _shared_base_roles(stage: StageRun, rm: ParentStage) -> BuiltRoles:
     roles = SharedBaseRoles.from_adapters(
         base,
         reward_adapter=rm.final_dir,
-        sft_adapter=None,  # SFT is merged into this base: reference = adapters disabled
-        policy_lora=lora_config(c.peft, c.model, "causal_lm"),
+        sft_adapter=sft.final_dir if on_sft_base else None,
+        policy_lora=None if on_sft_base else lora_config(c.peft, c.model, "causal_lm"),
         value_init=knobs.value_from,
     )
     ref = BaseModelRef(
         id=resolve_base_model(c.model, c.paths).id, path=rm_base["path"],
         revision=rm_base.get("revision"),
     )  # fmt: skip
-    loaded = LoadedModel(roles.model, ref, "qlora", {"parent_adapter": "merged"})
+    provenance = {"parent_adapter": "continued" if on_sft_base else "merged"}
+    loaded = LoadedModel(roles.model, ref, "qlora", provenance)
     description = {
         "layout": "shared_4bit_base",
         "base": rm_base["path"],
         "adapters": sorted(roles.model.peft_config),
-        "reference": "base_adapters_disabled (SFT merged into the shared base)",
+        "policy": "sft_adapter_continued" if on_sft_base else "fresh_adapter_on_merged_sft",
+        "reference": "sft_adapter_frozen_copy" if on_sft_base else "base_adapters_disabled",
         "reward": rm.as_manifest_ref(),
         "value_from": knobs.value_from,
     }
