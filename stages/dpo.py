@@ -22,14 +22,14 @@ from omegaconf import DictConfig
 from peft import PeftModel
 from trl import DPOConfig, DPOTrainer
 
-from data_recipes import pairs as pair_recipes
 from stages.core.comparison import compare_with_parent, task_config
-from stages.core.handoff import ParentStage, pairs_cache_root, write_jsonl_atomic
+from stages.core.handoff import ParentStage, write_jsonl_atomic
 from stages.core.lifecycle import StageRun
 from stages.core.models import LoadedModel, load_stage_model, load_tokenizer, load_trainable_model
 from stages.core.models import save_final as save_model
 from stages.core.runtime import is_main_process
-from stages.core.trainer_args import loss_curve, trainer_arguments
+from stages.core.stage_pairs import stage_preference_pairs
+from stages.core.trainer_args import first_and_last, loss_curve, trainer_arguments
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +64,6 @@ def _match_reference_dtype(model: PeftModel) -> None:
                 param.data = param.data.to(policy_param.dtype)
 
 
-def _first_last(history: list[dict[str, Any]], key: str, name: str) -> dict[str, float]:
-    values = [float(entry[key]) for entry in history if key in entry]
-    return {f"{name}_first": values[0], f"{name}_last": values[-1]} if values else {}
-
-
 def run(cfg: DictConfig) -> dict[str, Any]:
     stage = StageRun.begin(cfg, "dpo")
     if stage.finished:
@@ -100,21 +95,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         #    reference, and is the parent in the final comparison.
         sft_policy = load_stage_model(parent, c.model, c.peft, stage.precision)
 
-        # 3. Preference pairs.
-        pairs_cfg = c.data.pairs
-        eval_keys = pair_recipes.toy_eval_prompt_keys(c.data.toy)
-        if pairs_cfg.source == "on_policy":
-            pair_set = pair_recipes.generate_pairs(
-                sft_policy,
-                tokenizer,
-                pairs_cfg=pairs_cfg,
-                toy_cfg=c.data.toy,
-                model_cfg=c.model,
-                policy_id=parent.as_manifest_ref(),
-                cache_root=pairs_cache_root(c.paths.runs_root, c.experiment_name),
-            )
-        else:
-            pair_set = pair_recipes.file_pairs(pairs_cfg, eval_keys)
+        # 3. Preference pairs: a file, or the SFT policy's own samples judged by rule.
+        pair_set = stage_preference_pairs(stage, tokenizer, policy=sft_policy)
         train_rows = pair_set.train_dataset()
         log.info("dpo: %d train pairs, %d held out", len(pair_set.train), len(pair_set.heldout))
 
@@ -155,8 +137,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             **loss_curve(history),
             # rewards/* at the first log are ~0 (reference = policy); at the end they show
             # how far DPO separated chosen from rejected.
-            **_first_last(history, "rewards/margins", "train/reward_margin"),
-            **_first_last(history, "rewards/accuracies", "train/reward_accuracy"),
+            **first_and_last(history, "rewards/margins", "train/reward_margin"),
+            **first_and_last(history, "rewards/accuracies", "train/reward_accuracy"),
             "train/steps": trainer.state.global_step,
             "train/runtime_s": train_output.metrics.get("train_runtime"),
         }

@@ -15,7 +15,6 @@ Loading the result (PPO's reward/value roles, the reward-model judge):
 
 from __future__ import annotations
 
-import gc
 import logging
 import math
 import re
@@ -28,16 +27,16 @@ from peft import PeftModel
 from safetensors import safe_open
 from trl import RewardConfig, RewardTrainer
 
-from data_recipes import pairs as pair_recipes
 from data_recipes import toy
-from stages.core.handoff import pairs_cache_root, write_jsonl_atomic
+from stages.core.handoff import write_jsonl_atomic
 from stages.core.lifecycle import StageRun
-from stages.core.models import LoadedModel, load_stage_model, load_tokenizer, load_trainable_model
+from stages.core.models import LoadedModel, load_tokenizer, load_trainable_model
 from stages.core.models import save_final as save_model
 from stages.core.reward_scoring import RewardScorer
 from stages.core.runtime import is_main_process
 from stages.core.schema import ConfigError
-from stages.core.trainer_args import loss_curve, trainer_arguments
+from stages.core.stage_pairs import stage_preference_pairs
+from stages.core.trainer_args import first_and_last, loss_curve, trainer_arguments
 
 log = logging.getLogger(__name__)
 
@@ -78,29 +77,6 @@ class RewardTrainerWithHeadLR(RewardTrainer):
             {"params": head, "lr": self.head_learning_rate, "weight_decay": 0.0}
         )
         return optimizer
-
-
-def preference_pairs(stage: StageRun, tokenizer: Any) -> pair_recipes.PairSet:
-    """Train / held-out pairs: a local file, or the SFT policy's own samples judged by rule."""
-    c, parent = stage.cfg, stage.parent
-    assert parent is not None
-    pairs_cfg = c.data.pairs
-    if pairs_cfg.source == "file":
-        return pair_recipes.file_pairs(pairs_cfg, pair_recipes.toy_eval_prompt_keys(c.data.toy))
-    policy = load_stage_model(parent, c.model, c.peft, stage.precision)
-    try:
-        return pair_recipes.generate_pairs(
-            policy,
-            tokenizer,
-            pairs_cfg=pairs_cfg,
-            toy_cfg=c.data.toy,
-            model_cfg=c.model,
-            policy_id=parent.as_manifest_ref(),
-            cache_root=pairs_cache_root(c.paths.runs_root, c.experiment_name),
-        )
-    finally:
-        del policy  # the sampler is done: free it before the reward model loads
-        gc.collect()
 
 
 def margin_summary(chosen: list[float], rejected: list[float]) -> dict[str, Any]:
@@ -178,11 +154,6 @@ def toy_probe(scorer: RewardScorer, toy_cfg: Any) -> dict[str, float]:
     return metrics
 
 
-def _first_last(history: list[dict[str, Any]], key: str, name: str) -> dict[str, float]:
-    values = [float(entry[key]) for entry in history if key in entry]
-    return {f"{name}_first": values[0], f"{name}_last": values[-1]} if values else {}
-
-
 def _saved_score_head(final_dir: Path) -> torch.Tensor:
     """The score-head weight in final/'s safetensors (full model or SEQ_CLS adapter)."""
     for path in sorted(final_dir.glob("*.safetensors")):
@@ -232,7 +203,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         )
 
         # 2. Preference pairs; RewardTrainer subtracts a `margin` column whenever it is present.
-        pair_set = preference_pairs(stage, tokenizer)
+        pair_set = stage_preference_pairs(stage, tokenizer)
         train_rows = pair_set.train_dataset()
         has_margin = "margin" in train_rows.column_names
         if knobs.use_margin and not has_margin:
@@ -274,7 +245,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "train/loss": train_output.training_loss,
             **loss_curve(history),
             # RewardTrainer logs the batch accuracy r(chosen) > r(rejected) it trains on.
-            **_first_last(history, "accuracy", "train/accuracy"),
+            **first_and_last(history, "accuracy", "train/accuracy"),
             "train/pairs": len(trainer.train_dataset),
             "train/steps": trainer.state.global_step,
             "train/runtime_s": train_output.metrics.get("train_runtime"),

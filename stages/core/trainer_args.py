@@ -46,9 +46,12 @@ def trainer_arguments(stage: StageRun) -> dict[str, Any]:
     return args
 
 
+def first_and_last(log_history: list[dict[str, Any]], key: str, name: str) -> dict[str, float]:
+    """``{name}_first`` / ``{name}_last``: a logged trainer metric at the start and the end."""
+    values = [float(entry[key]) for entry in log_history if key in entry]
+    return {f"{name}_first": values[0], f"{name}_last": values[-1]} if values else {}
+
+
 def loss_curve(log_history: list[dict[str, Any]], key: str = "loss") -> dict[str, float]:
     """First and last logged training loss: the evidence that a stage learned."""
-    losses = [entry[key] for entry in log_history if key in entry]
-    if not losses:
-        return {}
-    return {"train/loss_first": float(losses[0]), "train/loss_last": float(losses[-1])}
+    return first_and_last(log_history, key, "train/loss")

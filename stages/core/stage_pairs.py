@@ -1,0 +1,48 @@
+"""The preference pairs a training stage (DPO, RM) uses: a local file, or its parent policy's
+own samples judged by rule, generated once per experiment and cached (`data_recipes.pairs`)."""
+
+from __future__ import annotations
+
+import gc
+from typing import TYPE_CHECKING, Any
+
+from data_recipes import pairs as pair_recipes
+from stages.core.handoff import pairs_cache_root
+from stages.core.models import load_stage_model
+
+if TYPE_CHECKING:
+    import torch
+
+    from stages.core.lifecycle import StageRun
+
+
+def stage_preference_pairs(
+    stage: StageRun, tokenizer: Any, policy: torch.nn.Module | None = None
+) -> pair_recipes.PairSet:
+    """Train / held-out pairs for ``stage`` from ``data.pairs``.
+
+    On-policy pairs sample the parent stage's policy: pass it as ``policy`` when the stage
+    keeps it anyway (DPO's reference); otherwise it is loaded here and freed afterwards.
+    """
+    c, parent = stage.cfg, stage.parent
+    assert parent is not None  # preference stages always have a parent
+    pairs_cfg = c.data.pairs
+    if pairs_cfg.source == "file":
+        return pair_recipes.file_pairs(pairs_cfg, pair_recipes.toy_eval_prompt_keys(c.data.toy))
+    sampler = policy if policy is not None else load_stage_model(
+        parent, c.model, c.peft, stage.precision
+    )  # fmt: skip
+    try:
+        return pair_recipes.generate_pairs(
+            sampler,
+            tokenizer,
+            pairs_cfg=pairs_cfg,
+            toy_cfg=c.data.toy,
+            model_cfg=c.model,
+            policy_id=parent.as_manifest_ref(),
+            cache_root=pairs_cache_root(c.paths.runs_root, c.experiment_name),
+        )
+    finally:
+        if policy is None:
+            del sampler  # done sampling: free it before the stage's own model loads
+            gc.collect()
