@@ -132,7 +132,7 @@ def lora_config(peft_cfg: PeftConfig, model_cfg: ModelConfig, task: str) -> Lora
     )
 
 
-def _from_pretrained(
+def load_pretrained(
     path: str | Path,
     *,
     task: str,
@@ -142,6 +142,8 @@ def _from_pretrained(
     revision: str | None,
     pad_token_id: int | None,
 ) -> PreTrainedModel:
+    """``path`` as a causal LM or a 1-label sequence classifier (``task``), in the stage's
+    precision, 4-bit NF4 for peft=qlora; no adapter attached."""
     quant = quantization_config(peft_cfg, precision)
     kwargs: dict[str, Any] = {
         "revision": revision,
@@ -242,11 +244,11 @@ def load_trainable_model(
         check_same_base(parent, base.id, child=stage)
 
     if parent is None:
-        model = _from_pretrained(base.path, revision=base.revision, **load)
+        model = load_pretrained(base.path, revision=base.revision, **load)
         weights_base = base
     elif parent.kind == "full":
         # The parent's full weights are the new base for this stage.
-        model = _from_pretrained(parent.final_dir, revision=None, **load)
+        model = load_pretrained(parent.final_dir, revision=None, **load)
         weights_base = BaseModelRef(id=base.id, path=str(parent.final_dir.resolve()))
         provenance["parent_weights"] = "full"
     elif parent_adapter == "continue":
@@ -258,14 +260,14 @@ def load_trainable_model(
         if task != "causal_lm":
             # A new head on the parent's adapter (e.g. a QLoRA reward model on the SFT adapter):
             # same base, so PPO can later host policy, reference, reward and value on one base.
-            model = _from_pretrained(base.path, revision=base.revision, **load)
+            model = load_pretrained(base.path, revision=base.revision, **load)
             model = _seq_cls_adapter_from(model, parent.final_dir)
             if peft_cfg.kind == "qlora":
                 keep_4bit_backward(model)
             provenance["parent_adapter"] = "continued_as_seq_cls"
             log.info("reward head on the %s adapter of %s", parent.kind, parent.final_dir)
             return LoadedModel(model, base, peft_cfg.kind, provenance)
-        model = _from_pretrained(base.path, revision=base.revision, **load)
+        model = load_pretrained(base.path, revision=base.revision, **load)
         if peft_cfg.kind == "qlora":
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         model = PeftModel.from_pretrained(model, str(parent.final_dir), is_trainable=True)
@@ -276,7 +278,7 @@ def load_trainable_model(
         return LoadedModel(model, base, peft_cfg.kind, provenance)
     else:  # merge
         merged = _merged_parent_dir(parent, run_dir, model_cfg, precision)
-        model = _from_pretrained(merged, revision=None, **load)
+        model = load_pretrained(merged, revision=None, **load)
         weights_base = BaseModelRef(id=base.id, path=str(merged.resolve()))
         provenance["parent_adapter"] = "merged"
 
@@ -420,10 +422,10 @@ def load_stage_model(
         pad_token_id=None,
     )  # fmt: skip
     if stage.kind == "full":
-        model = _from_pretrained(stage.final_dir, revision=None, **load)
+        model = load_pretrained(stage.final_dir, revision=None, **load)
     elif stage.kind in ("lora", "qlora"):
         base = stage.base_model
-        model = _from_pretrained(base["path"], revision=base.get("revision"), **load)
+        model = load_pretrained(base["path"], revision=base.get("revision"), **load)
         model = PeftModel.from_pretrained(model, str(stage.final_dir), is_trainable=False)
     else:
         raise HandoffError(f"{stage.run_dir}: unknown model kind {stage.kind!r} in its manifest")

@@ -41,7 +41,7 @@ from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from stages.core.handoff import HandoffError, ParentStage
-from stages.core.models import BASE_MODEL_FILE, _from_pretrained, load_tokenizer
+from stages.core.models import BASE_MODEL_FILE, load_pretrained, load_tokenizer
 from stages.core.runtime import Precision
 from stages.core.schema import ModelConfig, PeftConfig
 
@@ -271,11 +271,11 @@ def load_reward_model_dir(
         pad_token_id=pad_token_id,
     )  # fmt: skip
     if kind == "full":
-        model = _from_pretrained(final_dir, revision=None, **load)
+        model = load_pretrained(final_dir, revision=None, **load)
     else:
         # The adapter was trained on this base: for an RM after a LoRA SFT, the SFT adapter
         # merged into the pretrained base (runs/<exp>/rm/merged_parent).
-        model = _from_pretrained(base["path"], revision=base.get("revision"), **load)
+        model = load_pretrained(base["path"], revision=base.get("revision"), **load)
         model = PeftModel.from_pretrained(model, str(final_dir), is_trainable=trainable)
     if trainable:
         if kind == "full":

@@ -44,7 +44,7 @@ from stages.core.models import (
     BASE_MODEL_FILE,
     BaseModelRef,
     LoadedModel,
-    _from_pretrained,
+    load_pretrained,
     load_stage_model,
     load_tokenizer,
     load_trainable_model,
@@ -175,7 +175,7 @@ def _shared_base_roles(stage: StageRun, sft: ParentStage, rm: ParentStage) -> Bu
         )
     rm_base = rm.base_model
     on_sft_base = sft.kind in ("lora", "qlora") and rm_base["path"] == sft.base_model["path"]
-    base = _from_pretrained(
+    base = load_pretrained(
         rm_base["path"], revision=rm_base.get("revision"), task="causal_lm",
         model_cfg=c.model, peft_cfg=c.peft, precision=stage.precision, pad_token_id=None,
     )  # fmt: skip
