@@ -329,7 +329,8 @@ _TREND_KEYS = (
 
 
 def _trends(history: list[dict[str, float]]) -> dict[str, float]:
-    """First-tenth and last-tenth means of the logged PPO metrics (the trend over the run)."""
+    """Each logged PPO metric at the first logged update (the SFT policy's rollout) and
+    averaged over the last tenth of the run: the trend, e.g. of objective/scores."""
     out: dict[str, float] = {}
     if not history:
         return out
@@ -338,6 +339,6 @@ def _trends(history: list[dict[str, float]]) -> dict[str, float]:
         values = [h[key] for h in history if key in h]
         if values:
             name = key.replace("/", "_")
-            out[f"train/{name}_first"] = sum(values[:tenth]) / len(values[:tenth])
+            out[f"train/{name}_first"] = values[0]
             out[f"train/{name}_last"] = sum(values[-tenth:]) / len(values[-tenth:])
     return out
