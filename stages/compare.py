@@ -148,7 +148,7 @@ def find_runs(roots: Sequence[str | Path]) -> list[Run]:
             raise CompareError(f"{run_dir / handoff.MANIFEST} is unreadable: {err}") from err
         label = str(run_dir.relative_to(base)) if run_dir != base else run_dir.name
         runs.append(Run(path=run_dir, label=label, manifest=manifest))
-    _fill_settings(runs)
+    fill_settings(runs)
     return runs
 
 
@@ -189,9 +189,10 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _fill_settings(runs: list[Run]) -> None:
+def fill_settings(runs: Sequence[Run]) -> None:
     """Per stage, the config keys whose values differ between its runs (what a sweep swept,
-    or what differs between the experiments compared)."""
+    or what differs between the experiments compared). Call again on a subset to label the
+    runs by what differs within that subset only."""
     by_stage: dict[str, list[Run]] = {}
     for run in runs:
         by_stage.setdefault(run.stage, []).append(run)
@@ -374,12 +375,19 @@ def frontier_figure(runs: Sequence[Run], title: str) -> Any | None:
             label=f"{method} runs",
             zorder=3,
         )
+        placed: list[tuple[float, float]] = []
+        x_span = max(max(q.kl for q in points), 1e-9)
         for p in mine:
+            # Points that (nearly) coincide get their labels stacked instead of overprinted.
+            near = sum(
+                abs(p.kl - x) < 0.05 * x_span and abs(p.reward - y) < 0.03 for x, y in placed
+            )
+            placed.append((p.kl, p.reward))
             ax.annotate(
                 p.label if p.label != "-" else p.run,
                 (p.kl, p.reward),
                 textcoords="offset points",
-                xytext=(6, 4),
+                xytext=(6, 4 - 9 * near),
                 fontsize=7,
                 color=color,
             )

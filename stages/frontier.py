@@ -33,6 +33,7 @@ from stages.compare import (
     REWARD_KEY,
     CompareError,
     Run,
+    fill_settings,
     find_runs,
     frontier_points,
     is_parent_of_any,
@@ -108,6 +109,7 @@ def select(runs: Sequence[Run], experiment: str) -> list[Run]:
 def write_frontier(runs_root: Path, experiment: str, out: Path) -> tuple[Path, Path, str]:
     """frontier.png + frontier.md under ``out`` from the runs of this frontier."""
     runs = select(find_runs([runs_root / experiment]), experiment)
+    fill_settings(runs)  # label each point by what varies within this frontier (beta, kl_coef)
     points, missing = frontier_points(runs)
     if not points:
         hint = (
