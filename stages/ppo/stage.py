@@ -264,7 +264,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         built = build_roles(stage, sft, rm)
         stage.manifest_extra["roles"] = built.description
 
-        # 3. Train, resuming from the newest complete checkpoint-N.
+        # 3. Train, resuming from the newest complete checkpoint-N. (After a resume, the
+        #    first/last trends in metrics.json cover the resumed updates only; W&B has all.)
         history: list[dict[str, float]] = []
 
         def on_log(metrics: dict[str, float], update: int) -> None:
