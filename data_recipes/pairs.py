@@ -3,7 +3,8 @@
 Owns:
 
 - the **judge** interface (`Judge`: a named callable scoring `(prompt messages, reply)`), the
-  toy rule judge, and `resolve_judge`, the hook where the reward-model judge plugs in;
+  toy rule judge, and `resolve_judge`; the reward-model judge is built by the stages from a
+  finished RM (`stages.core.stage_pairs`);
 - **on-policy pairs** (`generate_pairs`): sample N replies per prompt from a policy checkpoint
   (KV-cached batched generation, seeded, temperature from `data.pairs`), score each with the
   judge, and pair them by strategy: `best_vs_worst` (default), `best_vs_random`, or
@@ -102,20 +103,19 @@ def toy_judge() -> Judge:
 
 
 def resolve_judge(name: str) -> Judge:
-    """The judge named by ``data.pairs.judge``.
+    """The judge named by ``data.pairs.judge`` that needs no checkpoint.
 
-    ``reward_model`` is the hook for the RM stage: build a `Judge` whose ``score`` (or
-    ``score_batch``) runs this experiment's reward model, named ``reward_model:<manifest
-    sha256>``, and pass it to `generate_pairs(judge=...)`.
+    ``reward_model`` needs a finished RM stage: the training stages build that judge
+    (`stages.core.stage_pairs`, `stages.core.reward_scoring.reward_model_judge`, named
+    ``reward_model:<manifest sha256>``) and pass it to `generate_pairs(judge=...)`.
     """
     if name == "toy":
         return toy_judge()
     if name == "reward_model":
-        # TODO(integration): the RM stage provides the scorer; until then say so clearly.
         raise ConfigError(
-            "data.pairs.judge=reward_model needs a reward-model scorer, which the RM stage "
-            "provides (pass a data_recipes.pairs.Judge to generate_pairs); use "
-            "data.pairs.judge=toy for the embedded task"
+            "data.pairs.judge=reward_model needs a finished RM stage: the DPO stage loads "
+            "this experiment's (make rm); called directly, pass "
+            "judge=stages.core.reward_scoring.reward_model_judge(...) to generate_pairs"
         )
     raise ConfigError(f"data.pairs.judge={name!r} is not one of ['toy', 'reward_model']")
 

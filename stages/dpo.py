@@ -28,7 +28,7 @@ from stages.core.lifecycle import StageRun
 from stages.core.models import LoadedModel, load_stage_model, load_tokenizer, load_trainable_model
 from stages.core.models import save_final as save_model
 from stages.core.runtime import is_main_process
-from stages.core.stage_pairs import stage_preference_pairs
+from stages.core.stage_pairs import pair_judge_stage, stage_preference_pairs
 from stages.core.trainer_args import first_and_last, loss_curve, trainer_arguments
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     c, knobs = stage.cfg, stage.cfg.stage
     parent = stage.parent
     assert parent is not None  # the schema requires a parent for dpo
+    pair_judge_stage(stage)  # a reward-model judge must exist before any weights load
 
     with stage:
         # 1. Tokenizer (with its chat template) from the parent, and TRL args: both fail fast.
@@ -95,7 +96,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         #    reference, and is the parent in the final comparison.
         sft_policy = load_stage_model(parent, c.model, c.peft, stage.precision)
 
-        # 3. Preference pairs: a file, or the SFT policy's own samples judged by rule.
+        # 3. Preference pairs: a file, or the SFT policy's own samples judged by rule or RM.
         pair_set = stage_preference_pairs(stage, tokenizer, policy=sft_policy)
         train_rows = pair_set.train_dataset()
         log.info("dpo: %d train pairs, %d held out", len(pair_set.train), len(pair_set.heldout))

@@ -21,7 +21,6 @@ dir and W&B run.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import shlex
 import subprocess
 import sys
@@ -49,23 +48,6 @@ METHODS = ("dpo", "ppo")
 
 def frontier_group(experiment: str) -> str:
     return f"{experiment}-frontier"
-
-
-def ppo_available() -> bool:
-    """The PPO stage module exists (the frontier runs DPO alone until it does)."""
-    from stages.runner import STAGE_MODULES
-
-    # Look for the file without importing the package (importing stages.ppo loads torch,
-    # bitsandbytes, ...): "stages.ppo.stage" -> stages/ppo/stage.py or stages/ppo/stage/.
-    package, _, leaf = STAGE_MODULES["ppo"].rpartition(".")
-    spec = importlib.util.find_spec(package.partition(".")[0])
-    if spec is None or not spec.submodule_search_locations:
-        return False
-    relative = Path(*package.split(".")[1:], leaf)
-    return any(
-        (Path(loc) / relative).with_suffix(".py").is_file() or (Path(loc) / relative).is_dir()
-        for loc in spec.submodule_search_locations
-    )
 
 
 def commands(
@@ -174,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--out", default=str(DEFAULT_OUT), help="where frontier.png/.md go; default docs"
     )
     parser.add_argument("--methods", default=None,
-                        help="comma list of dpo,ppo (default: both; PPO only if its stage exists)")  # fmt: skip
+                        help="comma list of dpo,ppo (default: both)")  # fmt: skip
     parser.add_argument(
         "--betas", help="DPO betas, e.g. 0.03,0.1,0.3 (default: conf/sweep/dpo_beta.yaml)"
     )
@@ -193,18 +175,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.methods is None:
-        methods = ["dpo"] + (["ppo"] if ppo_available() else [])
-        if "ppo" not in methods:
-            print("frontier: the PPO stage is not available yet (stages/ppo/stage.py); DPO only")
+        methods = list(METHODS)
     else:
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
         unknown = sorted(set(methods) - set(METHODS))
         if unknown or not methods:
             parser.error(f"--methods must be a comma list of {list(METHODS)}, got {args.methods!r}")
-        if "ppo" in methods and not ppo_available():
-            parser.error(
-                "--methods includes ppo, but the PPO stage (stages/ppo/stage.py) does not exist"
-            )
 
     runs_root = Path(args.runs_root)
     common = [f"paths.runs_root={runs_root}", *args.overrides]

@@ -9,8 +9,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from stages import dpo, sft
-from stages.core.handoff import DONE, MANIFEST, file_sha256, last_complete_checkpoint
+from stages import dpo, rm, sft
+from stages.core.handoff import (
+    DONE,
+    MANIFEST,
+    HandoffError,
+    file_sha256,
+    last_complete_checkpoint,
+    resolve_parent,
+)
+from stages.core.reward_scoring import RewardScorer
+from stages.core.runtime import resolve_precision
+from stages.core.schema import validate_config
+from tests.conftest import FIXTURES, copy_run
 
 # The 12-step SFT model of the FAST settings never answers correctly, so on-policy
 # best-vs-worst pairs would all be ties: pair its samples with the correct answer instead.
@@ -126,7 +137,69 @@ def test_dpo_on_a_local_hh_rlhf_file_raises_the_heldout_margin(compose_cfg, tmp_
 
 
 def test_dpo_needs_a_finished_sft(compose_cfg) -> None:
-    from stages.core.handoff import HandoffError
-
     with pytest.raises(HandoffError, match="make sft"):
         dpo.run(compose_cfg("stage=dpo"))
+
+
+RM_JUDGED = [
+    "data.pairs.judge=reward_model",
+    "data.pairs.num_prompts=32",
+    "data.pairs.samples_per_prompt=4",
+    "data.pairs.min_margin=0.05",
+    "data.pairs.heldout_fraction=0.2",
+]
+
+
+def test_dpo_on_pairs_judged_by_the_reward_model(compose_cfg, sft_runs, tmp_path) -> None:
+    """data.pairs.judge=reward_model: the SFT policy's samples ranked by this experiment's RM."""
+    runs = tmp_path / "runs"
+    copy_run(sft_runs("none"), runs, "sft")
+    # Without the RM the stage fails before loading weights or creating its run dir.
+    with pytest.raises(HandoffError, match="make rm"):
+        dpo.run(compose_cfg("stage=dpo", *RM_JUDGED))
+    assert not (runs / "toy" / "dpo").exists()
+
+    rm.run(
+        compose_cfg(
+            "stage=rm",
+            "data.pairs.source=file",
+            f"data.pairs.path={FIXTURES / 'pref_hh_rlhf.jsonl'}",
+        )
+    )
+    dpo.run(compose_cfg("stage=dpo", *RM_JUDGED))
+    manifest = json.loads((runs / "toy" / "dpo" / MANIFEST).read_text())
+    rm_stage = resolve_parent(runs, "toy", "rm", child="test")
+    assert manifest["data"]["judge"] == f"reward_model:{rm_stage.manifest_sha256}"
+    assert manifest["data"]["stats"]["kept"] > 0
+
+    # Re-score the cached train pairs with the RM: chosen beats rejected by the recorded
+    # margin, which is at least min_margin. (The toy judge would give 0/1 margins.)
+    cfg = validate_config(compose_cfg("stage=dpo", *RM_JUDGED))
+    scorer = RewardScorer.from_stage(rm_stage, cfg.model, resolve_precision("auto"))
+    cache = Path(manifest["data"]["cache"]["path"])
+    rows = [json.loads(line) for line in (cache / "train.jsonl").read_text().splitlines()]
+    chosen, rejected = scorer.score_pairs(
+        [{**r, "chosen": r["chosen"][0]["content"], "rejected": r["rejected"][0]["content"]}
+         for r in rows]
+    )  # fmt: skip
+    for row, good, bad in zip(rows, chosen, rejected):
+        assert good - bad == pytest.approx(row["margin"], abs=1e-4)
+        assert row["margin"] >= 0.05
+    assert any(r["margin"] not in (0.0, 1.0) for r in rows), "scores are the RM's, not 0/1"
+
+
+def test_reward_judge_must_fit_the_sft_parent(compose_cfg, sft_runs, tmp_path) -> None:
+    """An RM trained on another SFT output is refused, naming the command that retrains it."""
+    runs = tmp_path / "runs"
+    copy_run(sft_runs("none"), runs, "sft")
+    rm.run(
+        compose_cfg(
+            "stage=rm",
+            "data.pairs.source=file",
+            f"data.pairs.path={FIXTURES / 'pref_hh_rlhf.jsonl'}",
+        )
+    )
+    manifest = runs / "toy" / "sft" / MANIFEST
+    manifest.write_text(manifest.read_text().replace('"seed"', '"seed" ', 1))  # a new SFT
+    with pytest.raises(HandoffError, match="make rm EXP=toy ARGS=force=true"):
+        dpo.run(compose_cfg("stage=dpo", *RM_JUDGED))

@@ -23,9 +23,12 @@ num_labels=1; a QLoRA adapter's base is the saved 4-bit copy it was trained on).
 For PPO: ``load_reward_model(rm_stage, ...)`` is the frozen reward role and
 ``load_reward_model(rm_stage, ..., trainable=True)`` the value role initialised from it (two
 independent copies). To share one 4-bit base between roles, the RM's SEQ_CLS adapter in
-``rm_stage.final_dir`` sits on ``rm_stage.base_model["path"]``: the SFT weights (a full SFT's
-final/, or ``runs/<exp>/rm/merged_parent`` when SFT was an adapter, merged there in full
-precision), so the policy must live on that same base (SFT merged, reference = adapters off).
+``rm_stage.final_dir`` sits on ``rm_stage.base_model["path"]``: by default (RM
+``parent_adapter=continue``) the base the SFT adapter sits on, so policy, reference and RM
+are adapters on one base; with ``parent_adapter=merge`` the SFT weights merged in full
+precision (``runs/<exp>/rm/merged_parent``), so the policy must be merged onto it too
+(reference = adapters off). `resolve_reward_stage` finds the RM and checks it was trained
+on the SFT output at hand.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ import torch
 from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from stages.core.handoff import HandoffError, ParentStage
+from stages.core.handoff import HandoffError, ParentStage, resolve_parent
 from stages.core.models import BASE_MODEL_FILE, load_pretrained, load_tokenizer
 from stages.core.runtime import Precision
 from stages.core.schema import ModelConfig, PeftConfig
@@ -211,6 +214,23 @@ class RewardScorer:
 
 
 # ----------------------------------------------------------------------------- loading
+
+
+def resolve_reward_stage(
+    runs_root: str, experiment: str, reward_stage: str, sft: ParentStage, *, child: str
+) -> ParentStage:
+    """The finished RM stage ``reward_stage`` of ``experiment``, checked to be trained on
+    ``sft`` (the parent the consumer starts from): a stale RM fails naming the command."""
+    rm = resolve_parent(runs_root, experiment, reward_stage, child=child)
+    rm_parent = rm.manifest.get("parent") or {}
+    if rm_parent.get("manifest_sha256") != sft.manifest_sha256:
+        raise HandoffError(
+            f"the reward model in {rm.run_dir} was trained on another SFT output than "
+            f"{sft.run_dir} (its parent manifest sha {rm_parent.get('manifest_sha256')!r} vs "
+            f"{sft.manifest_sha256!r}): re-run it with `make {reward_stage} "
+            f"EXP={experiment} ARGS=force=true`"
+        )
+    return rm
 
 
 def _stage_peft(stage: ParentStage, peft_cfg: PeftConfig | None) -> PeftConfig:

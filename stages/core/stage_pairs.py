@@ -1,5 +1,6 @@
 """The preference pairs a training stage (DPO, RM) uses: a local file, or its parent policy's
-own samples judged by rule, generated once per experiment and cached (`data_recipes.pairs`)."""
+own samples judged by rule or by this experiment's reward model, generated once per
+experiment and cached (`data_recipes.pairs`)."""
 
 from __future__ import annotations
 
@@ -7,13 +8,32 @@ import gc
 from typing import TYPE_CHECKING, Any
 
 from data_recipes import pairs as pair_recipes
-from stages.core.handoff import pairs_cache_root
+from stages.core.handoff import ParentStage, pairs_cache_root
 from stages.core.models import load_stage_model
+from stages.core.reward_scoring import resolve_reward_stage, reward_model_judge
 
 if TYPE_CHECKING:
     import torch
 
     from stages.core.lifecycle import StageRun
+
+# The stage whose reward model judges the pairs under data.pairs.judge=reward_model.
+JUDGE_REWARD_STAGE = "rm"
+
+
+def pair_judge_stage(stage: StageRun) -> ParentStage | None:
+    """The RM stage that judges on-policy pairs (``data.pairs.judge=reward_model``), else None.
+
+    Call it before any weights load: a missing RM, or one trained on another SFT output,
+    fails here with the command to run.
+    """
+    c, parent = stage.cfg, stage.parent
+    if c.data.pairs.source == "file" or c.data.pairs.judge != "reward_model":
+        return None
+    assert parent is not None  # preference stages always have a parent
+    return resolve_reward_stage(
+        c.paths.runs_root, c.experiment_name, JUDGE_REWARD_STAGE, parent, child=stage.name
+    )
 
 
 def stage_preference_pairs(
@@ -23,12 +43,17 @@ def stage_preference_pairs(
 
     On-policy pairs sample the parent stage's policy: pass it as ``policy`` when the stage
     keeps it anyway (DPO's reference); otherwise it is loaded here and freed afterwards.
+    The reward-model judge, if configured, is loaded here and freed afterwards too.
     """
     c, parent = stage.cfg, stage.parent
     assert parent is not None  # preference stages always have a parent
     pairs_cfg = c.data.pairs
     if pairs_cfg.source == "file":
         return pair_recipes.file_pairs(pairs_cfg, pair_recipes.toy_eval_prompt_keys(c.data.toy))
+    judge_stage = pair_judge_stage(stage)
+    judge = None
+    if judge_stage is not None:
+        judge = reward_model_judge(judge_stage, c.model, stage.precision)
     sampler = policy if policy is not None else load_stage_model(
         parent, c.model, c.peft, stage.precision
     )  # fmt: skip
@@ -41,8 +66,10 @@ def stage_preference_pairs(
             model_cfg=c.model,
             policy_id=parent.as_manifest_ref(),
             cache_root=pairs_cache_root(c.paths.runs_root, c.experiment_name),
+            judge=judge,
         )
     finally:
         if policy is None:
             del sampler  # done sampling: free it before the stage's own model loads
-            gc.collect()
+        del judge
+        gc.collect()

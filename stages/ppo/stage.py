@@ -38,7 +38,7 @@ from peft import PeftModel
 
 from data_recipes import pairs as pair_recipes
 from stages.core.comparison import compare_with_parent, task_config
-from stages.core.handoff import HandoffError, ParentStage, resolve_parent
+from stages.core.handoff import ParentStage
 from stages.core.lifecycle import StageRun
 from stages.core.models import (
     BASE_MODEL_FILE,
@@ -55,6 +55,7 @@ from stages.core.models import (
 )
 from stages.core.models import save_final as save_model
 from stages.core.reward_scoring import load_reward_model
+from stages.core.reward_scoring import resolve_reward_stage as reward_stage_of
 from stages.core.runtime import is_main_process, use_cpu
 from stages.core.schema import Config, ConfigError, PPOStageConfig
 from stages.ppo.config import PPOHyperparams
@@ -73,17 +74,10 @@ def ppo_hyperparams(knobs: PPOStageConfig, seed: int) -> PPOHyperparams:
 
 
 def resolve_reward_stage(c: Config, sft: ParentStage) -> ParentStage:
-    """The RM stage, checked to be a reward model trained on this very SFT output."""
-    knobs = c.stage
-    rm = resolve_parent(c.paths.runs_root, c.experiment_name, knobs.reward_stage, child="ppo")
-    rm_parent = rm.manifest.get("parent") or {}
-    if rm_parent.get("manifest_sha256") != sft.manifest_sha256:
-        raise HandoffError(
-            f"the reward model in {rm.run_dir} was trained on another SFT output than "
-            f"{sft.run_dir} (its parent manifest sha {rm_parent.get('manifest_sha256')!r} vs "
-            f"{sft.manifest_sha256!r}): re-run it with `make {knobs.reward_stage} "
-            f"EXP={c.experiment_name} ARGS=force=true`"
-        )
+    """The RM stage, trained on this very SFT output with this peft kind (roles share a base)."""
+    rm = reward_stage_of(
+        c.paths.runs_root, c.experiment_name, c.stage.reward_stage, sft, child="ppo"
+    )
     rm_peft = "none" if rm.kind == "full" else rm.kind
     if rm_peft != c.peft.kind:
         raise ConfigError(
