@@ -27,10 +27,10 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
-from transformers import GenerationConfig, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from data_recipes import toy
-from stages.core.generation import left_pad, render_prompts
+from stages.core.generation import generate_ids, right_pad
 from stages.core.runtime import is_main_process
 from stages.core.schema import DataConfig, ModelConfig, ToyTaskConfig
 from stages.core.task_eval import greedy_replies
@@ -112,12 +112,7 @@ def response_logprobs(
         prompts = prompt_ids[start : start + batch_size]
         responses = response_ids[start : start + batch_size]
         seqs = [list(p) + list(r) for p, r in zip(prompts, responses)]
-        width = max(len(s) for s in seqs)
-        input_ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
-        attention = torch.zeros((len(seqs), width), dtype=torch.long)
-        for row, seq in enumerate(seqs):
-            input_ids[row, : len(seq)] = torch.tensor(seq)
-            attention[row, : len(seq)] = 1
+        input_ids, attention = right_pad(seqs, pad_token_id)
         logits = model(
             input_ids=input_ids.to(device), attention_mask=attention.to(device), use_cache=False
         ).logits.float()
@@ -131,7 +126,6 @@ def response_logprobs(
     return out
 
 
-@torch.no_grad()
 def sample_responses(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -143,43 +137,20 @@ def sample_responses(
     seed: int,
     batch_size: int = 64,
 ) -> tuple[list[list[int]], list[list[int]]]:
-    """One sampled response per prompt, as token ids (cut after the first EOS, inclusive).
-
-    Like `stages.core.generation.generate_replies`, but keeps the ids: the KL estimate must
-    score exactly the tokens that were sampled.
-    """
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    config = GenerationConfig(
+    """One sampled response per prompt, as token ids (cut after the first EOS, inclusive):
+    the KL estimate must score exactly the tokens that were sampled."""
+    prompt_ids, responses = generate_ids(
+        model,
+        tokenizer,
+        prompts,
         max_new_tokens=max_new_tokens,
+        max_prompt_length=max_prompt_length,
+        batch_size=batch_size,
         do_sample=True,
         temperature=temperature,
-        top_k=0,
-        top_p=1.0,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        use_cache=True,
+        seed=seed,
     )
-    encoded = render_prompts(tokenizer, prompts, max_prompt_length)
-    responses: list[list[int]] = []
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for start in range(0, len(encoded), batch_size):
-            input_ids, attention = left_pad(
-                encoded[start : start + batch_size], tokenizer.pad_token_id
-            )
-            out = model.generate(
-                input_ids=input_ids.to(device),
-                attention_mask=attention.to(device),
-                generation_config=config,
-            )
-            for row in out[:, input_ids.shape[1] :].tolist():
-                if tokenizer.eos_token_id in row:
-                    row = row[: row.index(tokenizer.eos_token_id) + 1]
-                responses.append(row)
-    model.train(was_training)
-    return encoded, responses
+    return prompt_ids, [rows[0] for rows in responses]
 
 
 def kl_per_token(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import nullcontext
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -35,18 +36,33 @@ def render_prompts(
 
 
 def left_pad(batch: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` with each row's tokens at the right end: for
+    generation, which continues from the last column."""
+    return _pad(batch, pad_id, left=True)
+
+
+def right_pad(batch: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` with each row starting at position 0, as in training:
+    for scoring whole sequences (log-probs, rewards)."""
+    return _pad(batch, pad_id, left=False)
+
+
+def _pad(
+    batch: Sequence[Sequence[int]], pad_id: int, *, left: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(ids) for ids in batch)
     input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     attention = torch.zeros((len(batch), width), dtype=torch.long)
     for row, ids in enumerate(batch):
         if ids:
-            input_ids[row, width - len(ids) :] = torch.tensor(ids)
-            attention[row, width - len(ids) :] = 1
+            columns = slice(width - len(ids), width) if left else slice(0, len(ids))
+            input_ids[row, columns] = torch.tensor(list(ids), dtype=torch.long)
+            attention[row, columns] = 1
     return input_ids, attention
 
 
 @torch.no_grad()
-def generate_replies(
+def generate_ids(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[Messages],
@@ -59,8 +75,9 @@ def generate_replies(
     num_return_sequences: int = 1,
     seed: int | None = None,
     progress: str | None = None,
-) -> list[list[str]]:
-    """Generate ``num_return_sequences`` replies per prompt; returns one list per prompt.
+) -> tuple[list[list[int]], list[list[list[int]]]]:
+    """Rendered prompt ids, and per prompt ``num_return_sequences`` response ids, each cut
+    after its first EOS (kept). For callers that score exactly the sampled tokens.
 
     Sampling is seeded per call (``seed``) so the same inputs give the same samples.
     """
@@ -79,7 +96,7 @@ def generate_replies(
         use_cache=True,
     )
     encoded = render_prompts(tokenizer, prompts, max_prompt_length)
-    replies: list[list[str]] = []
+    responses: list[list[list[int]]] = []
     rng = torch.random.fork_rng(devices=[]) if seed is not None else nullcontext()
     starts = range(0, len(encoded), batch_size)
     bar = tqdm(starts, desc=progress, disable=progress is None or not is_main_process())
@@ -95,8 +112,26 @@ def generate_replies(
                 attention_mask=attention.to(device),
                 generation_config=generation_config,
             )
-            texts = tokenizer.batch_decode(out[:, input_ids.shape[1] :], skip_special_tokens=True)
-            for i in range(0, len(texts), num_return_sequences):
-                replies.append(texts[i : i + num_return_sequences])
+            new_tokens = out[:, input_ids.shape[1] :].tolist()
+            rows = [_cut_after(row, tokenizer.eos_token_id) for row in new_tokens]
+            for i in range(0, len(rows), num_return_sequences):
+                responses.append(rows[i : i + num_return_sequences])
     model.train(was_training)
-    return replies
+    return encoded, responses
+
+
+def _cut_after(ids: list[int], eos_token_id: int | None) -> list[int]:
+    # generate() pads a finished row with pad tokens after its EOS.
+    return ids[: ids.index(eos_token_id) + 1] if eos_token_id in ids else ids
+
+
+def generate_replies(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[Messages],
+    **generation: Any,
+) -> list[list[str]]:
+    """`generate_ids` (same keywords) decoded without special tokens: one list of replies per
+    prompt."""
+    _, responses = generate_ids(model, tokenizer, prompts, **generation)
+    return [tokenizer.batch_decode(rows, skip_special_tokens=True) for rows in responses]

@@ -43,6 +43,7 @@ import torch
 from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from stages.core.generation import right_pad
 from stages.core.handoff import HandoffError, ParentStage, resolve_parent
 from stages.core.models import BASE_MODEL_FILE, load_pretrained, load_tokenizer
 from stages.core.runtime import Precision
@@ -165,12 +166,7 @@ class RewardScorer:
         try:
             for start in range(0, len(order), self.batch_size):
                 batch = [rows[i] for i in order[start : start + self.batch_size]]
-                width = max(len(ids) for ids in batch)
-                input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-                attention = torch.zeros((len(batch), width), dtype=torch.long)
-                for row, ids in enumerate(batch):
-                    input_ids[row, : len(ids)] = torch.tensor(ids)
-                    attention[row, : len(ids)] = 1
+                input_ids, attention = right_pad(batch, pad)
                 logits = self.model(
                     input_ids=input_ids.to(device),
                     attention_mask=attention.to(device),

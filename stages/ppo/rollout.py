@@ -1,8 +1,8 @@
 """The rollout: sample completions from the policy and score them with the other three roles.
 
-Owns: left-padding of prompt ids, the KV-cached temperature sampler (which also returns the
-log-probs of the sampled tokens at temperature T, so the rollout needs no extra policy
-forward), truncation after the first stop token, the missing-EOS penalty, and the ``Rollout``
+Owns: the prompt batch (left-padded by `stages.core.generation.left_pad`), the KV-cached
+temperature sampler (which also returns the log-probs of the sampled tokens at temperature T,
+so the rollout needs no extra policy forward), truncation after the first stop token, the missing-EOS penalty, and the ``Rollout``
 record the trainer turns into advantages. All of it runs without gradients, with dropout off.
 
 Layout of every sequence tensor: ``[prompt (left-padded) | response (right-padded)]``; the
@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from stages.core.generation import left_pad
 from stages.ppo.advantages import last_token_index
 
 if TYPE_CHECKING:
@@ -35,14 +36,11 @@ def left_pad_prompts(
     width = max(len(p) for p in prompts)
     if width == 0:
         raise ValueError("every prompt is empty: PPO needs at least one prompt token")
-    ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.bool)
     for row, prompt in enumerate(prompts):
         if len(prompt) == 0:
             raise ValueError(f"prompt {row} of the batch is empty")
-        ids[row, width - len(prompt) :] = torch.as_tensor(list(prompt), dtype=torch.long)
-        mask[row, width - len(prompt) :] = True
-    return ids, mask
+    ids, mask = left_pad(prompts, pad_token_id)
+    return ids, mask.bool()
 
 
 def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
