@@ -6,10 +6,12 @@
 #   make sft dpo EXP=toy_qlora   another experiment bundle from conf/experiment/
 #   make dpo ARGS="stage.beta=0.05 force=true"
 #   make test                    the test suite (fast tier); make test-all adds end-to-end runs
+#   make soak SOAK_CYCLES=20     kill -9 / rerun `make sft dpo`, compare with an uninterrupted run
 #
 #   make sweep SWEEP=dpo_beta    a named Hydra multirun from conf/sweep/ (dpo_beta, ppo_kl, dpo_optuna)
 #   make compare                 table + PNGs of every finished run of EXP (runs/$(EXP)/_compare/)
-#   make frontier                DPO-beta + PPO-kl_coef sweeps -> docs/frontier.png + .md
+#   make frontier                DPO-beta + PPO-kl_coef sweeps -> runs/$(EXP)/_frontier/frontier.png + .md
+#                                (ARGS="--out docs" regenerates the committed docs/frontier.*)
 #
 # Scale-out: LAUNCH=accelerate ACC=ddp|fsdp|zero2|zero3|single NPROC=8 runs the same stage
 # under `accelerate launch` with conf/accelerate/$(ACC).yaml (NPROC: processes, one per GPU;
@@ -34,10 +36,28 @@ LAUNCH ?= python
 ACC ?= ddp
 NPROC ?=
 PYTEST_ARGS ?=
+SOAK_CYCLES ?= 20
+SOAK_SEED ?= 0
+
+# ARGS, PYTEST_ARGS, EXP and SWEEP reach the recipes through the environment, raw ($(value)
+# skips make's own expansion), never pasted into a shell line: ARGS='x=`cmd`' must not run
+# cmd. stages/make_args.py splits ARGS like a shell (quotes group words) and execs.
+export ALIGNPIPE_ARGS = $(value ARGS)
+export ALIGNPIPE_PYTEST_ARGS = $(value PYTEST_ARGS)
+export ALIGNPIPE_EXP = $(value EXP)
+export ALIGNPIPE_SWEEP = $(value SWEEP)
+export ALIGNPIPE_SOAK_CYCLES = $(value SOAK_CYCLES)
+export ALIGNPIPE_SOAK_SEED = $(value SOAK_SEED)
+WITH_ARGS = $(BIN)/python -m stages.make_args ALIGNPIPE_ARGS --
+WITH_PYTEST_ARGS = $(BIN)/python -m stages.make_args ALIGNPIPE_PYTEST_ARGS --
 
 ifeq ($(LAUNCH),accelerate)
   ifeq ($(wildcard conf/accelerate/$(ACC).yaml),)
     $(error ACC=$(ACC): no conf/accelerate/$(ACC).yaml (one of: $(basename $(notdir $(wildcard conf/accelerate/*.yaml)))))
+  endif
+  # NPROC goes into the shell line: digits only.
+  ifneq ($(subst 0,,$(subst 1,,$(subst 2,,$(subst 3,,$(subst 4,,$(subst 5,,$(subst 6,,$(subst 7,,$(subst 8,,$(subst 9,,$(value NPROC))))))))))),)
+    $(error NPROC=$(value NPROC): must be a number of processes, e.g. NPROC=8)
   endif
   RUN = $(BIN)/accelerate launch --config_file conf/accelerate/$(ACC).yaml \
         $(if $(NPROC),--num_processes $(NPROC),) -m stages
@@ -47,7 +67,7 @@ else
   $(error LAUNCH=$(LAUNCH): use LAUNCH=python (default) or LAUNCH=accelerate)
 endif
 
-.PHONY: setup sft rm ppo dpo eval sweep compare frontier test test-slow test-all bench lint format clean
+.PHONY: setup sft rm ppo dpo eval sweep compare frontier test test-slow test-all soak soak-disk-full bench lint format clean
 
 setup: $(VENV)/.installed
 
@@ -59,28 +79,38 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 sft rm ppo dpo eval: $(VENV)/.installed
-	$(RUN) stage=$@ experiment=$(EXP) $(ARGS)
+	$(WITH_ARGS) $(RUN) stage=$@ "experiment=$$ALIGNPIPE_EXP"
 
 # Sweeps run one job after another in this process (or as Slurm jobs with
 # ARGS="hydra/launcher=slurm"); each job gets runs/$(EXP)/<stage>/<its overrides>/.
 sweep: $(VENV)/.installed
-	@test -f conf/sweep/$(SWEEP).yaml || { echo "SWEEP=$(SWEEP): no conf/sweep/$(SWEEP).yaml (one of: $(basename $(notdir $(wildcard conf/sweep/*.yaml))))" >&2; exit 2; }
-	$(BIN)/python -m stages -m +sweep=$(SWEEP) experiment=$(EXP) $(ARGS)
+	@test -f "conf/sweep/$$ALIGNPIPE_SWEEP.yaml" || { echo "SWEEP=$$ALIGNPIPE_SWEEP: no conf/sweep/$$ALIGNPIPE_SWEEP.yaml (one of: $(basename $(notdir $(wildcard conf/sweep/*.yaml))))" >&2; exit 2; }
+	$(WITH_ARGS) $(BIN)/python -m stages -m "+sweep=$$ALIGNPIPE_SWEEP" "experiment=$$ALIGNPIPE_EXP"
 
 compare: $(VENV)/.installed
-	$(BIN)/python -m stages.compare --runs runs/$(EXP) $(ARGS)
+	$(WITH_ARGS) $(BIN)/python -m stages.compare --runs "runs/$$ALIGNPIPE_EXP"
 
 frontier: $(VENV)/.installed
-	$(BIN)/python -m stages.frontier --experiment $(EXP) $(ARGS)
+	$(WITH_ARGS) $(BIN)/python -m stages.frontier --experiment "$$ALIGNPIPE_EXP"
 
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(WITH_PYTEST_ARGS) $(BIN)/python -m pytest -m "not slow"
 
 test-slow: $(VENV)/.installed
-	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+	$(WITH_PYTEST_ARGS) $(BIN)/python -m pytest -m slow
 
 test-all: $(VENV)/.installed
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(WITH_PYTEST_ARGS) $(BIN)/python -m pytest
+
+# Kill -9 soak of `make sft dpo` against an uninterrupted run (bench/soak.py): SOAK_CYCLES
+# kills at random moments of training, checkpoint saving and evaluation; ARGS = extra Hydra
+# overrides for every run (e.g. ARGS="stage.max_steps=24 stage.save_steps=8" for a short one).
+# soak-disk-full: `make sft` on a too-small tmpfs (needs root), then space freed and rerun.
+soak: $(VENV)/.installed
+	$(WITH_ARGS) $(BIN)/python bench/soak.py --cycles "$$ALIGNPIPE_SOAK_CYCLES" --seed "$$ALIGNPIPE_SOAK_SEED" --exp "$$ALIGNPIPE_EXP" --
+
+soak-disk-full: $(VENV)/.installed
+	$(WITH_ARGS) $(BIN)/python bench/soak.py --disk-full --exp "$$ALIGNPIPE_EXP" --
 
 bench: $(VENV)/.installed
 	$(BIN)/python bench/ppo_vs_trl.py

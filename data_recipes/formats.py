@@ -13,6 +13,7 @@ from typing import Any
 
 import datasets
 
+from data_recipes.accounting import RowAccount
 from data_recipes.rows import DataFormatError, iter_rows
 
 # Name -> the keys a row needs; used for detection errors so a user sees what would fit.
@@ -207,28 +208,44 @@ def unknown_format_error(fmt: str, formats: dict[str, str]) -> DataFormatError:
     )
 
 
-def load_sft_file(path: str | os.PathLike[str], format: str = "auto") -> datasets.Dataset:
+def load_sft_file(
+    path: str | os.PathLike[str], format: str = "auto", account: RowAccount | None = None
+) -> datasets.Dataset:
     """Load a local SFT file as a Dataset with one `messages` column.
 
     `format="auto"` detects the format from the first row and requires every later row to
-    fit it too (a file mixing formats is almost always a mistake).
+    fit it too (a file mixing formats is almost always a mistake). Rows whose assistant
+    replies are all blank are dropped (reason ``empty``) and counted into ``account``.
     """
     if format != "auto" and format not in SFT_FORMATS:
         raise unknown_format_error(format, SFT_FORMATS)
     fmt = None if format == "auto" else format
+    account = account if account is not None else RowAccount(str(path))
     rows = []
     for row_number, row in iter_rows(path):
+        account.read += 1
         if format == "auto":
             fmt = check_detected(detect_sft_format(row), fmt, SFT_FORMATS, path, row_number)
         try:
-            rows.append(normalize_sft_row(row, fmt))
+            normalized = normalize_sft_row(row, fmt)
         except DataFormatError as err:
             raise err.at(path, row_number) from None
-    if not rows:
+        if has_blank_replies_only(normalized["messages"]):
+            account.drop("empty")  # teaches only to stop: nothing a user meant to train
+            continue
+        rows.append(normalized)
+    if not account.read:
         raise DataFormatError(
             "file has no rows", path=path, expected="at least one row", hint="check the file"
         )
+    if not rows:
+        raise account.no_rows_left("fill in the assistant replies, or point at another file")
     return datasets.Dataset.from_list(rows)
+
+
+def has_blank_replies_only(messages: list[dict[str, str]]) -> bool:
+    """True when every assistant turn of the conversation is empty or whitespace."""
+    return all(not m["content"].strip() for m in messages if m["role"] == "assistant")
 
 
 def check_detected(

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from data_recipes import toy
+from data_recipes.accounting import RowAccount
 from data_recipes.preference_formats import (
     content_hash,
     dedupe_preference_rows,
@@ -58,6 +59,15 @@ TRAIN_FILE = "train.jsonl"
 HELDOUT_FILE = "heldout.jsonl"
 STRATEGIES = ("best_vs_worst", "best_vs_random", "ground_truth_vs_sample")
 DROP_REASONS = ("ties", "identical", "margin", "length", "contaminated", "duplicates")
+# The same reasons in the words of `data_recipes.accounting.DROP_REASONS`.
+ACCOUNT_REASONS = {
+    "ties": "tie",
+    "identical": "identical_pair",
+    "margin": "below_min_margin",
+    "length": "length_ratio",
+    "contaminated": "decontaminated",
+    "duplicates": "duplicate",
+}
 
 
 # ------------------------------------------------------------------------------ judges
@@ -285,14 +295,32 @@ class PairSet:
     train: list[Row]
     heldout: list[Row]
     info: dict[str, Any] = field(default_factory=dict)  # recipe, stats, content hashes, cache
+    # Rows (file rows, or prompts for on-policy pairs) read, kept and dropped by reason.
+    account: RowAccount | None = None
 
     def train_dataset(self) -> Any:
         """The train rows as a `datasets.Dataset` (what DPOTrainer / RewardTrainer take)."""
         import datasets
 
         if not self.train:
-            raise ValueError(f"no training pairs left ({self.info.get('stats')})")
+            account = self.account or RowAccount(str(self.info.get("recipe")))
+            raise account.no_rows_left(
+                "every kept pair was held out: lower data.pairs.heldout_fraction, or add pairs"
+                if account.kept
+                else "relax the filters named above, or add data"
+            )
         return datasets.Dataset.from_list(self.train)
+
+
+def on_policy_account(info: dict[str, Any]) -> RowAccount:
+    """The account of a generated set from its stats: one row read per prompt sampled."""
+    stats = info["stats"]
+    account = RowAccount(
+        str(info.get("recipe", "on_policy")), read=stats["prompts"], unit="prompts"
+    )
+    for reason, count in stats["dropped"].items():
+        account.drop(ACCOUNT_REASONS[reason], count)
+    return account
 
 
 def cache_key(inputs: dict[str, Any]) -> str:
@@ -323,7 +351,12 @@ def load_cached(directory: Path) -> PairSet | None:
     if content_hash(train) != info.get("content_hash"):
         log.warning("cached pairs in %s do not match their hash; regenerating", directory)
         return None
-    return PairSet(train, heldout, {**info, "cache": {"path": str(directory), "reused": True}})
+    return PairSet(
+        train,
+        heldout,
+        {**info, "cache": {"path": str(directory), "reused": True}},
+        on_policy_account(info),
+    )
 
 
 def generate_pairs(
@@ -431,7 +464,12 @@ def generate_pairs(
     )
     if is_main_process():
         _write_cache(directory, train, heldout, info)
-    return PairSet(train, heldout, {**info, "cache": {"path": str(directory), "reused": False}})
+    return PairSet(
+        train,
+        heldout,
+        {**info, "cache": {"path": str(directory), "reused": False}},
+        on_policy_account(info),
+    )
 
 
 def file_pairs(pairs_cfg: PairsConfig, eval_prompt_keys: set[str] | None = None) -> PairSet:
@@ -443,6 +481,12 @@ def file_pairs(pairs_cfg: PairsConfig, eval_prompt_keys: set[str] | None = None)
     keys = eval_prompt_keys or set()
     rows = [dict(r) for r in data.dataset]
     kept = [r for r in rows if prompt_key(r["prompt"]) not in keys]
+    account = data.account or RowAccount(str(pairs_cfg.path), read=len(rows))
+    account.drop("decontaminated", len(rows) - len(kept))
+    if not kept:
+        raise account.no_rows_left(
+            "every prompt is one of the held-out eval prompts: use prompts the eval never asks"
+        )
     train, heldout = split_heldout(kept, pairs_cfg.heldout_fraction, pairs_cfg.seed)
     stats = {
         **data.stats,
@@ -463,4 +507,5 @@ def file_pairs(pairs_cfg: PairsConfig, eval_prompt_keys: set[str] | None = None)
             "content_hash": content_hash(train),
             "heldout_content_hash": content_hash(heldout),
         },
+        account,
     )

@@ -27,6 +27,7 @@ from typing import Any
 
 import datasets
 
+from data_recipes.accounting import RowAccount
 from data_recipes.formats import (
     check_detected,
     describe_formats,
@@ -68,6 +69,7 @@ class PreferenceData:
     format: str
     content_hash: str
     stats: dict[str, int] = field(default_factory=dict)
+    account: RowAccount | None = None  # rows read / kept / dropped by reason
 
 
 def _looks_hh(text: str) -> bool:
@@ -307,6 +309,7 @@ def load_preference_file(path: str | os.PathLike[str], format: str = "auto") -> 
     fmt = None if format == "auto" else format
     rows = []
     has_margin: bool | None = None
+    empty = 0
     for row_number, row in iter_rows(path):
         if format == "auto":
             found = detect_preference_format(row)
@@ -326,18 +329,35 @@ def load_preference_file(path: str | os.PathLike[str], format: str = "auto") -> 
                 expected="a numeric margin on every row or on none",
                 hint="fill in the missing margins or drop the column",
             )
+        if not reply_text(normalized["chosen"]).strip():
+            empty += 1  # preferring an empty reply teaches the model to say nothing
+            continue
         rows.append(normalized)
     kept, stats = dedupe_preference_rows(rows)
-    if not kept:
+    account = RowAccount(str(path), read=stats["rows_read"] + empty)
+    account.drop("empty", empty)
+    account.drop("identical_pair", stats["identical_chosen_rejected_dropped"])
+    account.drop("duplicate", stats["duplicates_dropped"])
+    if not account.read:
         raise DataFormatError(
-            f"file has no usable preference pairs ({stats})",
+            "file has no rows",
             path=path,
             expected=describe_formats(PREFERENCE_FORMATS, MARGIN_NOTE),
-            hint="check the file: empty, or every pair has chosen == rejected",
+            hint="check the file",
         )
+    if not kept:
+        raise account.no_rows_left("check that chosen and rejected differ and chosen is not empty")
     return PreferenceData(
         dataset=datasets.Dataset.from_list(kept),
         format=fmt,
         content_hash=content_hash(kept),
-        stats=stats,
+        stats={**stats, "rows_read": account.read},  # empty-reply drops: in `account`
+        account=account,
     )
+
+
+def reply_text(reply: str | list[dict[str, str]]) -> str:
+    """The text of a chosen / rejected reply: the string, or its messages' contents."""
+    if isinstance(reply, str):
+        return reply
+    return "".join(m["content"] for m in reply)

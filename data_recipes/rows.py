@@ -7,6 +7,7 @@ Owns: `iter_rows` over JSONL / JSON / Parquet files, yielding `(row_number, dict
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 from collections.abc import Iterator
@@ -93,23 +94,24 @@ def iter_rows(path: str | os.PathLike[str]) -> Iterator[tuple[int, dict[str, Any
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    # utf-8-sig: tolerate a byte-order mark written by some Windows editors.
-    with path.open(encoding="utf-8-sig") as handle:
-        line_number = 0
-        while True:
+    # Bytes, decoded line by line: a text-mode reader decodes ahead in 8 KB chunks, so a bad
+    # byte on line 16 would surface while reading line 1.
+    with path.open("rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            if line_number == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8) :]  # written by some Windows editors
             try:
-                line = handle.readline()
+                line = raw.decode("utf-8")
             except UnicodeDecodeError as err:
                 raise DataFormatError(
-                    f"text is not valid UTF-8 ({err.reason})",
+                    f"text is not valid UTF-8 ({err.reason}: byte {raw[err.start]:#04x} at "
+                    f"column {err.start + 1})",
                     path=path,
-                    row=line_number + 1,
+                    row=line_number,
                     expected="a UTF-8 encoded JSONL file",
-                    hint="re-encode the file as UTF-8",
+                    hint="re-encode the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`), or "
+                    "fix this line",
                 ) from err
-            if not line:
-                return
-            line_number += 1
             if not line.strip():  # blank lines (e.g. a trailing newline) are not rows
                 continue
             try:
@@ -137,9 +139,9 @@ def _iter_json(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     expected = "a JSON list of objects, or an object with the list under " + " or ".join(
         repr(k) for k in JSON_LIST_KEYS
     )
+    raw = path.read_bytes()
     try:
-        with path.open(encoding="utf-8-sig") as handle:
-            document = json.load(handle)
+        document = json.loads(raw.decode("utf-8-sig"))
     except json.JSONDecodeError as err:
         hint = "fix the JSON"
         if err.msg == "Extra data":
@@ -151,8 +153,9 @@ def _iter_json(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             hint=hint,
         ) from err
     except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1  # a JSON file's rows are not lines
         raise DataFormatError(
-            f"text is not valid UTF-8 ({err.reason})",
+            f"text is not valid UTF-8 ({err.reason}) on line {line}",
             path=path,
             expected="a UTF-8 encoded JSON file",
             hint="re-encode the file as UTF-8",

@@ -67,6 +67,7 @@ _SKIP_DIRS = {
     "wandb",
     "merged_parent",
     "_compare",
+    "_frontier",
     "_sweeps",
     "_pairs",
     "_quantized_bases",
@@ -109,13 +110,13 @@ class Run:
         return (self.manifest.get("timings") or {}).get("seconds")
 
     @property
-    def short_label(self) -> str:
-        """The label cut in the middle to fit a table column or a plot axis."""
-        return _middle_cut(self.label, 48)
+    def setting_items(self) -> list[str]:
+        """``key=value`` per varying setting, whole: never cut, only wrapped between items."""
+        return [f"{_short(k)}={_fmt(v)}" for k, v in self.settings.items()]
 
     @property
     def settings_label(self) -> str:
-        return ", ".join(f"{_short(k)}={_fmt(v)}" for k, v in self.settings.items()) or "-"
+        return ", ".join(self.setting_items) or "-"
 
 
 # ------------------------------------------------------------------------------- reading
@@ -216,6 +217,20 @@ def _middle_cut(text: str, width: int) -> str:
     return f"{text[: keep // 2]}…{text[len(text) - (keep - keep // 2) :]}"
 
 
+def wrap_items(items: Sequence[str], width: int) -> list[str]:
+    """``items`` joined by ", " into lines of at most ``width`` characters, breaking only
+    between items (an item longer than ``width`` gets a line of its own, whole)."""
+    lines: list[str] = []
+    for item in items:
+        if lines and len(lines[-1]) + 2 + len(item) <= width:
+            lines[-1] += f", {item}"
+        else:
+            if lines:
+                lines[-1] += ","
+            lines.append(item)
+    return lines or ["-"]
+
+
 def _short(key: str) -> str:
     return key.removeprefix("stage.")
 
@@ -235,10 +250,18 @@ def _fmt(value: Any) -> str:
 # -------------------------------------------------------------------------------- tables
 
 
+# Terminal table: the run path is cut in the middle past this width (the settings column
+# says what differs); the settings wrap between items past theirs, but are never cut.
+TERMINAL_RUN_WIDTH = 40
+TERMINAL_SETTINGS_WIDTH = 48
+
+
 def table_rows(
     runs: Sequence[Run], *, full_labels: bool = False
 ) -> tuple[list[str], list[list[str]]]:
-    """One row per run; ``full_labels`` keeps whole run paths (Markdown), else cut them."""
+    """One row per run. ``full_labels`` (Markdown): whole run paths and settings on one line.
+    Else (terminal): run paths cut to TERMINAL_RUN_WIDTH, and the settings, whole, wrapped
+    onto several lines of the cell (``\n``) past TERMINAL_SETTINGS_WIDTH."""
     header = [
         "run",
         "stage",
@@ -252,10 +275,12 @@ def table_rows(
     for run in runs:
         rows.append(
             [
-                run.label if full_labels else run.short_label,
+                run.label if full_labels else _middle_cut(run.label, TERMINAL_RUN_WIDTH),
                 run.stage,
                 str(run.manifest.get("kind", "-")),
-                run.settings_label if full_labels else _middle_cut(run.settings_label, 60),
+                run.settings_label
+                if full_labels
+                else "\n".join(wrap_items(run.setting_items, TERMINAL_SETTINGS_WIDTH)),
                 *(_fmt(run.metric(key)) for _, key in METRIC_COLUMNS),
                 _fmt(run.manifest.get("world_size", 1)),
                 _fmt(run.seconds),
@@ -265,15 +290,25 @@ def table_rows(
 
 
 def render_terminal(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    """Aligned columns; a cell with line breaks continues on the following lines."""
+    split = [[cell.split("\n") for cell in row] for row in [header, *rows]]
+    widths = [max(len(line) for row in split for line in row[i]) for i in range(len(header))]
     numeric = [i >= 4 for i in range(len(header))]
 
-    def line(cells: list[str]) -> str:
-        return "  ".join(
-            c.rjust(w) if num else c.ljust(w) for c, w, num in zip(cells, widths, numeric)
-        ).rstrip()
+    def lines(cells: list[list[str]]) -> list[str]:
+        height = max(map(len, cells))
+        return [
+            "  ".join(
+                (c[k] if k < len(c) else "").rjust(w)
+                if num
+                else (c[k] if k < len(c) else "").ljust(w)
+                for c, w, num in zip(cells, widths, numeric)
+            ).rstrip()
+            for k in range(height)
+        ]
 
-    return "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, rows)])
+    body = [line for row in split[1:] for line in lines(row)]
+    return "\n".join([*lines(split[0]), "  ".join("-" * w for w in widths), *body])
 
 
 def render_markdown(header: list[str], rows: list[list[str]], *, text_columns: int = 4) -> str:
@@ -298,6 +333,7 @@ class FrontierPoint:
     kl: float
     reward: float
     run: str
+    setting_items: tuple[str, ...] = ()  # the label's parts, to wrap it between settings
 
 
 def frontier_points(runs: Sequence[Run]) -> tuple[list[FrontierPoint], list[Run]]:
@@ -311,7 +347,11 @@ def frontier_points(runs: Sequence[Run]) -> tuple[list[FrontierPoint], list[Run]
             missing.append(run)
             continue
         method = FRONTIER_STAGES[run.stage][0]
-        points.append(FrontierPoint(method, run.settings_label, kl, reward, run.label))
+        points.append(
+            FrontierPoint(
+                method, run.settings_label, kl, reward, run.label, tuple(run.setting_items)
+            )
+        )
     return points, missing
 
 
@@ -353,63 +393,210 @@ def _pyplot() -> Any:
     return plt
 
 
+# Plot text sizes and the room they take, in inches, to size figures for any number of runs:
+# constrained layout then fits every label inside the figure.
+LABEL_FONTSIZE = 7
+_CHAR_WIDTH_IN = 0.062  # a generous average glyph width at LABEL_FONTSIZE
+_LINE_HEIGHT_IN = 0.14  # one line of text at LABEL_FONTSIZE, with spacing
+PLOT_LABEL_WIDTH = 40  # characters per line of a run's plot label before it wraps
+
+
+def plot_labels(runs: Sequence[Run]) -> list[str]:
+    """A short, unique label per run for plots: its stage and the settings that vary (wrapped
+    between settings), or its run path when it has none or they do not tell runs apart."""
+    labels = [
+        f"{run.stage}: " + "\n".join(wrap_items(run.setting_items, PLOT_LABEL_WIDTH))
+        if run.settings
+        else run.label
+        for run in runs
+    ]
+    return [
+        "\n".join(wrap_items(run.label.split(","), PLOT_LABEL_WIDTH))
+        if labels.count(label) > 1
+        else label
+        for run, label in zip(runs, labels)
+    ]
+
+
+def _text_size(labels: Sequence[str]) -> tuple[float, int]:
+    """(width in inches of the widest line, most lines) of ``labels`` at LABEL_FONTSIZE."""
+    lines = [line for label in labels for line in label.split("\n")] or [""]
+    return (
+        max(map(len, lines)) * _CHAR_WIDTH_IN,
+        max((label.count("\n") + 1 for label in labels), default=1),
+    )
+
+
+def _outside_legend(ax: Any, **kwargs: Any) -> Any:
+    # Right of the axes, where it hides no data; constrained layout makes room for it.
+    return ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0,
+                     fontsize=LABEL_FONTSIZE, **kwargs)  # fmt: skip
+
+
+# Where a point's label may go, in points from the point (nearest first): beside it, then
+# in columns to its right and left, so coinciding points get stacked labels.
+_LABEL_OFFSETS = sorted(
+    ((dx, dy) for dx in (8, -8, 24, -24, 48, -48, 80, -80, 120, -120)
+     for dy in range(-150, 151, 10)),
+    key=lambda d: (abs(d[0]) + 2 * abs(d[1]), d[0] < 0, d[1] < 0),
+)  # fmt: skip
+
+
+def _place_point_labels(fig: Any, ax: Any, items: Sequence[tuple[float, float, str, str]]) -> bool:
+    """Annotate each (x, y, text, colour) point so that no two labels overlap each other or a
+    marker, and every label stays inside the axes: the first free position of
+    _LABEL_OFFSETS (with a leader line when away from the point), measured with the
+    renderer. The layout is frozen first, so the positions measured are the ones saved.
+    Returns whether every label found such a place (else some sit where they overlap least).
+    """
+    import numpy as np
+
+    fig.canvas.draw()
+    fig.set_layout_engine("none")
+    renderer = fig.canvas.get_renderer()
+    inside = np.array(ax.get_window_extent(renderer).padded(-2).extents)
+    pixels_per_point = fig.dpi / 72
+    marker = 5 * pixels_per_point  # half a marker
+    pixels = ax.transData.transform([(x, y) for x, y, _, _ in items])
+    # Boxes as rows of (x0, y0, x1, y1) pixels: the markers, then each label placed.
+    taken = np.concatenate([pixels - marker, pixels + marker], axis=1)
+    offsets = np.array(_LABEL_OFFSETS, dtype=float)
+    all_free = True
+    for (x, y, text, color), (px, py) in zip(items, pixels):
+        probe = ax.text(0, 0, text, fontsize=LABEL_FONTSIZE)
+        extent = probe.get_window_extent(renderer)
+        width, height = extent.width + 2, extent.height + 2
+        probe.remove()
+        anchor_x = px + offsets[:, 0] * pixels_per_point
+        anchor_y = py + offsets[:, 1] * pixels_per_point
+        x0 = np.where(offsets[:, 0] > 0, anchor_x, anchor_x - width)
+        y0 = anchor_y - height / 2
+        boxes = np.stack([x0, y0, x0 + width, y0 + height], axis=1)
+        outside = width * height - _overlap_areas(boxes, inside[None, :])[:, 0]
+        overlap = _overlap_areas(boxes, taken).sum(axis=1)
+        # Inside the axes first, then no overlap, then nearest (offsets are nearest first).
+        best = int(np.lexsort((np.arange(len(boxes)), overlap.round(3), outside.round(3)))[0])
+        all_free = all_free and outside[best] <= 1e-3 and overlap[best] <= 1e-3
+        dx, dy = _LABEL_OFFSETS[best]
+        far = abs(dx) > 10 or abs(dy) > 10
+        ax.annotate(
+            text, (x, y), xytext=(dx, dy), textcoords="offset points",
+            fontsize=LABEL_FONTSIZE, color=color, va="center", ha="left" if dx > 0 else "right",
+            arrowprops={"arrowstyle": "-", "color": color, "lw": 0.5, "alpha": 0.6,
+                        "shrinkA": 0, "shrinkB": 4} if far else None,
+        )  # fmt: skip
+        taken = np.concatenate([taken, boxes[best : best + 1]])
+    return all_free
+
+
+def _overlap_areas(a: Any, b: Any) -> Any:
+    """Pairwise overlap areas of boxes ``a`` [n, 4] and ``b`` [m, 4] (x0, y0, x1, y1): [n, m]."""
+    import numpy as np
+
+    width = np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0])
+    height = np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1])
+    return np.clip(width, 0, None) * np.clip(height, 0, None)
+
+
 def frontier_figure(runs: Sequence[Run], title: str) -> Any | None:
-    """The frontier as a matplotlib Figure (one scatter per method); None without points."""
+    """The frontier as a matplotlib Figure (one scatter per method); None without points.
+
+    Each point is labelled by what varies between runs, placed so that no two labels
+    overlap and all stay inside the axes; when the labels do not fit (many runs, long
+    settings), the points carry numbers instead and the legend outside the axes says which
+    run each number is."""
     points, _ = frontier_points(runs)
     if not points:
         return None
+    references = reference_points(runs)
+    fig = _frontier_figure(points, references, title, numbered=False)
+    if fig is None:
+        fig = _frontier_figure(points, references, title, numbered=True)
+    return fig
+
+
+def _frontier_figure(
+    points: Sequence[FrontierPoint],
+    references: Sequence[tuple[str, float]],
+    title: str,
+    *,
+    numbered: bool,
+) -> Any | None:
+    """The frontier figure with each point's label beside it, or (``numbered``) a number
+    beside it and the label in the legend. None when the labels beside the points do not fit
+    without overlapping."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.8))
-    for method, marker, color in FRONTIER_STAGES.values():
-        mine = sorted((p for p in points if p.method == method), key=lambda p: p.kl)
-        if not mine:
-            continue
-        ax.scatter(
-            [p.kl for p in mine],
-            [p.reward for p in mine],
-            marker=marker,
-            s=70,
-            color=color,
-            edgecolor="black",
-            linewidth=0.6,
-            label=f"{method} runs",
-            zorder=3,
-        )
-        placed: list[tuple[float, float]] = []
-        x_span = max(max(q.kl for q in points), 1e-9)
-        for p in mine:
-            # Points that (nearly) coincide get their labels stacked instead of overprinted.
-            near = sum(
-                abs(p.kl - x) < 0.05 * x_span and abs(p.reward - y) < 0.03 for x, y in placed
-            )
-            placed.append((p.kl, p.reward))
-            ax.annotate(
-                p.label if p.label != "-" else p.run,
-                (p.kl, p.reward),
-                textcoords="offset points",
-                xytext=(6, 4 - 9 * near),
-                fontsize=7,
-                color=color,
-            )
-    for label, accuracy in reference_points(runs):
+    from matplotlib.lines import Line2D
+
+    ordered = [
+        p for method, _, _ in FRONTIER_STAGES.values()
+        for p in sorted((q for q in points if q.method == method), key=lambda q: q.kl)
+    ]  # fmt: skip
+    labels = [
+        "\n".join(wrap_items(p.setting_items, PLOT_LABEL_WIDTH)) if p.setting_items else p.run
+        for p in ordered
+    ]
+    style = {method: (marker, color) for method, marker, color in FRONTIER_STAGES.values()}
+    keys = [f"{n}  {p.method}: {label}" for n, (p, label) in enumerate(zip(ordered, labels), 1)]
+    legend_labels = [f"SFT reference ({label})" for label, _ in references]
+    legend_labels += keys if numbered else [f"{method} runs" for method in style]
+    legend_width, _ = _text_size(legend_labels)
+    label_width, _ = _text_size([] if numbered else labels)
+    legend_lines = sum(label.count("\n") + 1.3 for label in legend_labels)
+    fig, ax = plt.subplots(
+        figsize=(6.0 + legend_width + 1.5 * label_width,
+                 max(5.0, 1.2 + legend_lines * _LINE_HEIGHT_IN)),
+        layout="constrained",
+    )  # fmt: skip
+    for method, (marker, color) in style.items():
+        mine = [p for p in ordered if p.method == method]
+        if mine:
+            ax.scatter([p.kl for p in mine], [p.reward for p in mine], marker=marker, s=70,
+                       color=color, edgecolor="black", linewidth=0.6, label=f"{method} runs",
+                       zorder=3)  # fmt: skip
+    for label, accuracy in references:
         ax.scatter([0.0], [accuracy], marker="*", s=180, color="black", zorder=4,
                    label=f"SFT reference ({label})")  # fmt: skip
-    low, high = ax.get_ylim()
-    if high - low < 0.1:  # all points (nearly) equal: keep the axis readable
-        middle = (high + low) / 2
-        ax.set_ylim(middle - 0.05, middle + 0.05)
+    # Room around the points for their labels, and a readable span when all are (nearly) equal.
+    xs = [p.kl for p in points] + [0.0] * len(references)
+    ys = [p.reward for p in points] + [accuracy for _, accuracy in references]
+    x_span = max(max(xs) - min(xs), 1e-3)
+    y_span = max(max(ys) - min(ys), 0.1)
+    ax.set_xlim(min(xs) - 0.08 * x_span, max(xs) + 0.3 * x_span)
+    middle = (max(ys) + min(ys)) / 2
+    ax.set_ylim(middle - 0.7 * y_span, middle + 0.7 * y_span)
     ax.set_xlabel("KL(policy ‖ SFT reference) per response, nats  (sampled at T=1)")
-    ax.set_ylabel("true reward: held-out accuracy (rule judge, greedy)")
+    ax.set_ylabel("true reward: held-out accuracy\n(rule judge, greedy)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
+    if numbered:
+        handles = [
+            Line2D([], [], linestyle="none", marker="*", markersize=11, color="black")
+            for _ in references
+        ] + [
+            Line2D([], [], linestyle="none", marker=style[p.method][0], markersize=7,
+                   color=style[p.method][1], markeredgecolor="black", markeredgewidth=0.6)
+            for p in ordered
+        ]  # fmt: skip
+        _outside_legend(ax, handles=handles, labels=legend_labels)
+    else:
+        _outside_legend(ax)
+    tags = [str(n) for n in range(1, len(ordered) + 1)] if numbered else labels
+    placed = _place_point_labels(
+        fig, ax, [(p.kl, p.reward, tag, style[p.method][1]) for p, tag in zip(ordered, tags)]
+    )
+    if not placed and not numbered:
+        plt.close(fig)
+        return None
     return fig
 
 
 def plot_frontier(runs: Sequence[Run], out: Path, title: str) -> Path | None:
     """Reward (judge accuracy) vs KL to the SFT reference as a PNG; None when no run has both."""
-    fig = frontier_figure(runs, title)
+    return _save(frontier_figure(runs, title), out)
+
+
+def _save(fig: Any | None, out: Path) -> Path | None:
     if fig is None:
         return None
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -418,25 +605,37 @@ def plot_frontier(runs: Sequence[Run], out: Path, title: str) -> Path | None:
     return out
 
 
-def plot_accuracy(runs: Sequence[Run], out: Path, title: str) -> Path | None:
-    scored = [(r.short_label, r.metric(REWARD_KEY), r.stage) for r in runs]
-    scored = [(label, acc, stage) for label, acc, stage in scored if acc is not None]
+def accuracy_figure(runs: Sequence[Run], title: str) -> Any | None:
+    """Held-out accuracy per run as horizontal bars labelled by `plot_labels`; the figure
+    grows with the number of runs and the length of their labels. None without scores."""
+    scored = [
+        (label, run.metric(REWARD_KEY), run.stage)
+        for label, run in zip(plot_labels(runs), runs)
+        if run.metric(REWARD_KEY) is not None
+    ]
     if not scored:
         return None
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 0.9 + 0.35 * len(scored)))
+    label_width, lines = _text_size([label for label, _, _ in scored])
+    slot = _LINE_HEIGHT_IN * lines + 0.08  # one bar per label, with a gap
+    fig, ax = plt.subplots(
+        figsize=(4.5 + label_width, 1.3 + slot * len(scored)), layout="constrained"
+    )
     colors = [FRONTIER_STAGES.get(stage, ("", "", "tab:gray"))[2] for _, _, stage in scored]
-    ax.barh([s[0] for s in scored], [s[1] for s in scored], color=colors)
+    positions = list(range(len(scored)))
+    bars = ax.barh(positions, [acc for _, acc, _ in scored], color=colors)
+    ax.set_yticks(positions, [label for label, _, _ in scored], fontsize=LABEL_FONTSIZE)
+    ax.bar_label(bars, fmt="%.3f", fontsize=LABEL_FONTSIZE, padding=2)
     ax.invert_yaxis()
-    ax.set_xlim(0, 1)
+    ax.set_xlim(0, 1.15)  # room for the value printed after a full bar
+    ax.set_xticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
     ax.set_xlabel("held-out accuracy (rule judge, greedy)")
     ax.set_title(title)
-    ax.tick_params(axis="y", labelsize=7)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return fig
+
+
+def plot_accuracy(runs: Sequence[Run], out: Path, title: str) -> Path | None:
+    return _save(accuracy_figure(runs, title), out)
 
 
 def loss_history(run: Run) -> list[tuple[int, float]]:
@@ -455,30 +654,43 @@ def loss_history(run: Run) -> list[tuple[int, float]]:
     ]
 
 
-def plot_losses(runs: Sequence[Run], out: Path, title: str) -> Path | None:
-    curves = [(run, loss_history(run)) for run in runs]
-    curves = [(run, c) for run, c in curves if len(c) >= 2]
+def loss_figure(runs: Sequence[Run], title: str) -> Any | None:
+    """Training-loss curves, one panel per stage (stacked), each with its legend outside the
+    axes; 20 colours before line styles repeat. None when no run has a curve."""
+    curves = [(run, label, loss_history(run)) for run, label in zip(runs, plot_labels(runs))]
+    curves = [(run, label, c) for run, label, c in curves if len(c) >= 2]
     if not curves:
         return None
     plt = _pyplot()
-    stages = sorted({run.stage for run, _ in curves})
-    fig, axes = plt.subplots(1, len(stages), figsize=(5 * len(stages), 3.8), squeeze=False)
-    for ax, stage in zip(axes[0], stages):
-        for run, curve in curves:
-            if run.stage == stage:
-                # The varying settings name a sweep's curves; past a few keys, the run path.
-                short = run.settings and len(run.settings_label) <= 40
-                ax.plot(*zip(*curve), label=run.settings_label if short else run.short_label)
-        ax.set_title(f"{stage}: training loss")
+    stages = sorted({run.stage for run, _, _ in curves})
+    label_width, _ = _text_size([label for _, label, _ in curves])
+    heights = [
+        max(2.8, 0.8 + sum(label.count("\n") + 1.4 for run, label, _ in curves
+                           if run.stage == stage) * _LINE_HEIGHT_IN)
+        for stage in stages
+    ]  # fmt: skip
+    fig, axes = plt.subplots(
+        len(stages), 1, figsize=(6.0 + label_width, 0.6 + sum(heights)), squeeze=False,
+        layout="constrained", gridspec_kw={"height_ratios": heights},
+    )  # fmt: skip
+    palette = plt.get_cmap("tab20").colors
+    styles = ("-", "--", ":", "-.")
+    for ax, stage in zip(axes[:, 0], stages):
+        mine = [(label, curve) for run, label, curve in curves if run.stage == stage]
+        for i, (label, curve) in enumerate(mine):
+            ax.plot(*zip(*curve), label=label, color=palette[i % len(palette)],
+                    linestyle=styles[(i // len(palette)) % len(styles)], linewidth=1.2)  # fmt: skip
+        ax.set_title(f"{stage}: training loss", fontsize=9)
         ax.set_xlabel("step")
+        ax.set_ylabel("loss")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _outside_legend(ax)
     fig.suptitle(title)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return fig
+
+
+def plot_losses(runs: Sequence[Run], out: Path, title: str) -> Path | None:
+    return _save(loss_figure(runs, title), out)
 
 
 # ----------------------------------------------------------------------------------- CLI

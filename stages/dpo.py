@@ -3,8 +3,9 @@
 Recipe: resolve the SFT parent (through its manifest) -> build TRL args (validated before any
 weights load) -> load the frozen SFT policy -> preference pairs (sampled from that policy and
 judged, cached under the run dir; or a local file) -> load the trainable policy (continuing
-the SFT adapter, or the SFT full weights) -> train against the reference -> compare with the
-SFT parent on held-out prompts and pairs -> save final/, manifest, DONE.
+the SFT adapter, or the SFT full weights) -> train against the reference -> save final/ ->
+compare with the SFT parent on held-out prompts and pairs -> manifest, DONE. A pairs file is read before any
+weights load; a rerun after a failure past training loads final/ and only compares.
 
 The reference is always the SFT policy, never the bare base:
 - LoRA/QLoRA continuing the SFT adapter: ``ref_model=None`` and TRL copies the adapter into a
@@ -29,7 +30,11 @@ from stages.core.models import LoadedModel, load_stage_model, load_tokenizer, lo
 from stages.core.models import save_final as save_model
 from stages.core.runtime import is_main_process
 from stages.core.stage_pairs import pair_judge_stage, stage_preference_pairs
-from stages.core.trainer_args import first_and_last, loss_curve, trainer_arguments
+from stages.core.trainer_args import (
+    first_and_last,
+    trainer_arguments,
+)
+from stages.core.training import train_resumably
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +76,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     c, knobs = stage.cfg, stage.cfg.stage
     parent = stage.parent
     assert parent is not None  # the schema requires a parent for dpo
-    pair_judge_stage(stage)  # a reward-model judge must exist before any weights load
+    with stage.guard():
+        # A reward-model judge must exist (and match this SFT) before any weights load.
+        judge_stage = pair_judge_stage(stage)
+        if judge_stage is not None:
+            stage.add_upstream(judge_stage)
 
     with stage:
         # 1. Tokenizer (with its chat template) from the parent, and TRL args: both fail fast.
@@ -92,61 +101,82 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         # {loss_type: [sigmoid, sft], loss_weights: [1.0, 0.2]} (RPO-style).
         args = DPOConfig(**{**dpo_args, **trainer_arguments(stage)})
 
-        # 2. The frozen SFT policy: it samples the on-policy pairs, is the full-weight
+        # 2. Preference pairs from a file are read and validated before any weights load.
+        from_file = c.data.pairs.source == "file"
+        pair_set = stage_preference_pairs(stage, tokenizer) if from_file else None
+
+        # 3. The frozen SFT policy: it samples the on-policy pairs, is the full-weight
         #    reference, and is the parent in the final comparison.
         sft_policy = load_stage_model(parent, c.model, c.peft, stage.precision)
-
-        # 3. Preference pairs: a file, or the SFT policy's own samples judged by rule or RM.
-        pair_set = stage_preference_pairs(stage, tokenizer, policy=sft_policy)
-        train_rows = pair_set.train_dataset()
+        if pair_set is None:  # on-policy: the SFT policy's own samples, judged by rule or RM
+            pair_set = stage_preference_pairs(stage, tokenizer, policy=sft_policy)
         log.info("dpo: %d train pairs, %d held out", len(pair_set.train), len(pair_set.heldout))
 
-        # 4. Policy: the SFT adapter continued (LoRA/QLoRA) or the SFT full weights.
-        loaded = load_trainable_model(
-            model_cfg=c.model,
-            peft_cfg=c.peft,
-            paths=c.paths,
-            precision=stage.precision,
-            run_dir=stage.run_dir,
-            stage="dpo",
-            parent=parent,
-            parent_adapter=knobs.parent_adapter,
-        )
-        reference = describe_reference(loaded, parent)
-        trainer = DPOTrainer(
-            model=loaded.model,
-            # None with an adapter: TRL freezes a copy of it as "ref" (= the SFT policy).
-            ref_model=None if isinstance(loaded.model, PeftModel) else sft_policy,
-            args=args,
-            train_dataset=train_rows,
-            processing_class=tokenizer,
-        )
-        if isinstance(loaded.model, PeftModel):
-            if "ref" not in trainer.model.peft_config:
-                raise RuntimeError(
-                    "DPOTrainer did not create a frozen 'ref' adapter: the reference would be "
-                    "the bare base, not the SFT policy"
-                )
-            _match_reference_dtype(trainer.model)
+        if stage.final_record is None:
+            # 4. Policy: the SFT adapter continued (LoRA/QLoRA) or the SFT full weights.
+            loaded = load_trainable_model(
+                model_cfg=c.model,
+                peft_cfg=c.peft,
+                paths=c.paths,
+                precision=stage.precision,
+                run_dir=stage.run_dir,
+                stage="dpo",
+                parent=parent,
+                parent_adapter=knobs.parent_adapter,
+            )
+            reference = describe_reference(loaded, parent)
+            trainer = DPOTrainer(
+                model=loaded.model,
+                # None with an adapter: TRL freezes a copy of it as "ref" (= the SFT policy).
+                ref_model=None if isinstance(loaded.model, PeftModel) else sft_policy,
+                args=args,
+                train_dataset=pair_set.train_dataset(),
+                processing_class=tokenizer,
+            )
+            if isinstance(loaded.model, PeftModel):
+                if "ref" not in trainer.model.peft_config:
+                    raise RuntimeError(
+                        "DPOTrainer did not create a frozen 'ref' adapter: the reference would be "
+                        "the bare base, not the SFT policy"
+                    )
+                _match_reference_dtype(trainer.model)
 
-        # 5. Train.
-        resume = str(stage.resume_checkpoint) if stage.resume_checkpoint else None
-        train_output = trainer.train(resume_from_checkpoint=resume)
-        history = trainer.state.log_history
-        metrics: dict[str, Any] = {
-            "train/loss": train_output.training_loss,
-            **loss_curve(history),
-            # rewards/* at the first log are ~0 (reference = policy); at the end they show
-            # how far DPO separated chosen from rejected.
-            **first_and_last(history, "rewards/margins", "train/reward_margin"),
-            **first_and_last(history, "rewards/accuracies", "train/reward_accuracy"),
-            "train/steps": trainer.state.global_step,
-            "train/runtime_s": train_output.metrics.get("train_runtime"),
-        }
+            # 5. Train.
+            train_metrics = train_resumably(stage, trainer, expected_rows=len(pair_set.train))
+            history = trainer.state.log_history
+            # rewards/* at the first log are ~0 (reference = policy); at the end they show how
+            # far DPO separated chosen from rejected.
+            train_metrics.update(first_and_last(history, "rewards/margins", "train/reward_margin"))
+            train_metrics.update(
+                first_and_last(history, "rewards/accuracies", "train/reward_accuracy")
+            )
 
-        # 6. Compare with the SFT parent on held-out prompts and pairs.
+            # 6. final/ (with the reference in the manifest) now, before the comparison: if
+            #    that fails, the rerun loads final/ and only compares.
+            stage.manifest_extra["reference"] = reference
+
+            def save(final_dir: Path) -> None:
+                model = trainer.model
+                if isinstance(model, PeftModel) and "ref" in model.peft_config:
+                    # The frozen reference is the parent's adapter, already saved by the
+                    # parent; final/ holds only the trained one, a plain PEFT adapter.
+                    model.delete_adapter("ref")
+                save_model(loaded, tokenizer, final_dir, model=model)
+
+            stage.save_final(
+                kind=loaded.kind,
+                base_model=loaded.base.as_dict(),
+                train_metrics=train_metrics,
+                save=save,
+            )
+            policy = trainer.model
+        else:  # an earlier attempt trained and saved final/, then failed
+            policy = load_stage_model(stage.final_stage(), c.model, c.peft, stage.precision)
+        metrics: dict[str, Any] = dict(stage.final_record["train_metrics"])
+
+        # 7. Compare with the SFT parent on held-out prompts and pairs.
         comparison = compare_with_parent(
-            trainer.model,
+            policy,
             sft_policy,
             tokenizer,
             toy_cfg=task_config(c.data),
@@ -164,23 +194,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             (stage.run_dir / "comparison.txt").write_text(comparison.table + "\n")
             write_jsonl_atomic(stage.run_dir / HELDOUT_PAIRS, pair_set.heldout)
 
-        # 7. Hand off: final/, metrics.json, manifest.json (with the reference), DONE.
-        stage.manifest_extra["reference"] = reference
-
-        def save(final_dir: Path) -> None:
-            model = trainer.model
-            if isinstance(model, PeftModel) and "ref" in model.peft_config:
-                # The frozen reference is the parent's adapter, already saved by the parent;
-                # final/ holds only the trained one, loadable as a plain PEFT adapter.
-                model.delete_adapter("ref")
-            save_model(loaded, tokenizer, final_dir, model=model)
-
+        # 8. Hand off: metrics.json, manifest.json, DONE.
         stage.finish(
-            kind=loaded.kind,
-            base_model=loaded.base.as_dict(),
             metrics=metrics,
             data={**pair_set.info, "heldout_path": str(stage.run_dir / HELDOUT_PAIRS)},
-            save=save,
             eval_samples=comparison.samples,
         )
     return stage.metrics

@@ -7,7 +7,9 @@ manifest (naming both checkpoints by manifest sha256), eval_samples.jsonl, DONE.
 
 final/ holds the report (the table and the two checkpoints' identities), not a model: eval
 trains nothing. A finished eval is a no-op only while it describes the same target
-checkpoint; evaluating another target, or a target that was re-trained, runs again.
+checkpoint with the same config; evaluating another target, a target that was re-trained, or
+with other settings runs again. A target whose parent was re-run since it was trained is
+stale: eval refuses to compare it with a parent it was not trained from.
 """
 
 from __future__ import annotations
@@ -17,11 +19,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from stages.core import handoff
 from stages.core.comparison import compare_with_parent, task_config
-from stages.core.handoff import HandoffError, ParentStage
+from stages.core.handoff import HandoffError, ParentStage, StaleStageError
 from stages.core.lifecycle import StageRun
 from stages.core.models import load_stage_model, load_tokenizer
 from stages.core.schema import validate_config
@@ -44,11 +46,20 @@ def _already_evaluated(cfg: DictConfig) -> bool:
     )
     if not handoff.is_done(run_dir):
         return False
-    previous = json.loads((run_dir / handoff.MANIFEST).read_text()).get("target") or {}
+    try:
+        recorded = json.loads((run_dir / handoff.MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    previous = recorded.get("target") or {}
     target_dir = handoff.stage_dir(typed.paths.runs_root, typed.experiment_name, typed.stage.target)
     manifest = target_dir / handoff.MANIFEST
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    same_config = recorded.get("fingerprint", {}).get("config_sha256") == handoff.config_sha256(
+        handoff.defining_config(resolved)  # type: ignore[arg-type]
+    )
     return (
-        previous.get("stage") == typed.stage.target
+        same_config
+        and previous.get("stage") == typed.stage.target
         and manifest.is_file()
         and previous.get("manifest_sha256") == handoff.file_sha256(manifest)
     )
@@ -75,22 +86,29 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             c.paths.runs_root, c.experiment_name, parent_ref["stage"], child="eval"
         )
         if parent.manifest_sha256 != parent_ref["manifest_sha256"]:
-            log.warning(
-                "%s was re-run after %s was trained from it: comparing with the newer parent",
-                parent.run_dir,
-                target.run_dir,
+            # Comparing with a parent it was not trained from would measure nothing real.
+            fix = handoff.make_target(knobs.target, c.experiment_name, "rerun_stale=true")
+            raise StaleStageError(
+                f"{target.run_dir} is STALE: its parent '{parent.stage}' ({parent.run_dir}) was "
+                f"re-run after it was trained from it (parent manifest sha256 "
+                f"{parent.manifest_sha256[:12]}... vs recorded "
+                f"{str(parent_ref['manifest_sha256'])[:12]}...), so there is nothing fair to "
+                f"compare it with. Re-run it first: `{fix}`."
             )
+        stage.add_upstream(target)
+        stage.add_upstream(parent)
 
-        # 2. Both checkpoints, frozen, and the target's held-out pairs (if it has any).
-        tokenizer = load_tokenizer(target.final_dir, c.model)
-        policy = load_stage_model(target, c.model, None, stage.precision)
-        parent_model = load_stage_model(parent, c.model, None, stage.precision)
+        # 2. The target's held-out pairs (if it has any), read before any weights load, then
+        #    both checkpoints, frozen.
         heldout_path = target.run_dir / HELDOUT_PAIRS
         heldout = (
             [json.loads(line) for line in heldout_path.read_text().splitlines() if line.strip()]
             if heldout_path.is_file()
             else []
         )
+        tokenizer = load_tokenizer(target.final_dir, c.model)
+        policy = load_stage_model(target, c.model, None, stage.precision)
+        parent_model = load_stage_model(parent, c.model, None, stage.precision)
 
         # 3. Compare and report.
         comparison = compare_with_parent(

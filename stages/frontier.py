@@ -1,8 +1,9 @@
 """`make frontier`: the reward-KL frontier of DPO and PPO on one experiment, as a PNG + table.
 
-    python -m stages.frontier                          # EXP=toy, writes docs/frontier.{png,md}
-    python -m stages.frontier --plot-only              # re-plot from existing runs
-    python -m stages.frontier --dry-run                # print the commands, run nothing
+    python -m stages.frontier              # EXP=toy: runs/toy/_frontier/frontier.{png,md}
+    python -m stages.frontier --plot-only  # re-plot from existing runs
+    python -m stages.frontier --dry-run    # print the commands, run nothing
+    python -m stages.frontier --out docs   # regenerate the committed docs/frontier.{png,md}
 
 Owns the recipe, nothing else: it runs the same commands a user would type (each printed
 first), then plots with `stages.compare`:
@@ -42,12 +43,18 @@ from stages.compare import (
     table_rows,
 )
 
-DEFAULT_OUT = Path("docs")
+# Output goes next to the runs it plots: the tracked docs/ changes only when asked (--out docs).
+OUTPUT_DIR_NAME = "_frontier"
 METHODS = ("dpo", "ppo")
 
 
 def frontier_group(experiment: str) -> str:
     return f"{experiment}-frontier"
+
+
+def default_out(runs_root: Path, experiment: str) -> Path:
+    """Where frontier.png/.md go without --out: ``<runs_root>/<experiment>/_frontier``."""
+    return runs_root / experiment / OUTPUT_DIR_NAME
 
 
 def commands(
@@ -133,7 +140,9 @@ def write_frontier(runs_root: Path, experiment: str, out: Path) -> tuple[Path, P
             "",
             render_markdown(header, run_rows),
             "",
-            f"Reproduce: `make frontier EXP={experiment}` (see `python -m stages.frontier --help`).",
+            f"Reproduce: `make frontier EXP={experiment}` (writes "
+            f'runs/{experiment}/{OUTPUT_DIR_NAME}/; add `ARGS="--out docs"` for docs/; see '
+            "`python -m stages.frontier --help`).",
             "",
         ]
     )
@@ -153,7 +162,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--runs-root", default="runs", help="paths.runs_root of the runs; default runs"
     )
     parser.add_argument(
-        "--out", default=str(DEFAULT_OUT), help="where frontier.png/.md go; default docs"
+        "--out",
+        help="where frontier.png/.md go; default <runs-root>/<experiment>/_frontier "
+        "(--out docs regenerates the committed docs/frontier.{png,md})",
     )
     parser.add_argument("--methods", default=None,
                         help="comma list of dpo,ppo (default: both)")  # fmt: skip
@@ -195,7 +206,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.dry_run:
         return 0
     try:
-        png, md, table = write_frontier(runs_root, args.experiment, Path(args.out))
+        out = Path(args.out) if args.out else default_out(runs_root, args.experiment)
+        png, md, table = write_frontier(runs_root, args.experiment, out)
     except CompareError as err:
         print(f"frontier: {err}", file=sys.stderr)
         return 2

@@ -6,8 +6,9 @@ pairs (sampled from the SFT policy and judged by the toy judge, cached under the
 local file) -> the classifier: SFT weights + a new score head (full), or a fresh SEQ_CLS LoRA
 on the SFT weights (an SFT adapter is merged first; the head trains and is saved through
 modules_to_save) -> train (Bradley-Terry loss, optional margin and reward centring) ->
-held-out pairwise accuracy, reward-margin summary, and a probe on the held-out toy prompts ->
-save final/ (checked to hold the trained score head), manifest, DONE.
+save final/ (checked to hold the trained score head) -> held-out pairwise accuracy,
+reward-margin summary, and a probe on the held-out toy prompts -> manifest, DONE. A rerun
+after a failure past training loads final/ and only evaluates.
 
 Loading the result (PPO's reward/value roles, the reward-model judge):
 `stages.core.reward_scoring`.
@@ -32,11 +33,15 @@ from stages.core.handoff import write_jsonl_atomic
 from stages.core.lifecycle import StageRun
 from stages.core.models import LoadedModel, load_tokenizer, load_trainable_model
 from stages.core.models import save_final as save_model
-from stages.core.reward_scoring import RewardScorer
+from stages.core.reward_scoring import RewardScorer, load_reward_model
 from stages.core.runtime import is_main_process
 from stages.core.schema import ConfigError
 from stages.core.stage_pairs import stage_preference_pairs
-from stages.core.trainer_args import first_and_last, loss_curve, trainer_arguments
+from stages.core.trainer_args import (
+    first_and_last,
+    trainer_arguments,
+)
+from stages.core.training import train_resumably
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +192,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     parent = stage.parent
     assert parent is not None  # the schema requires a parent for rm
     if c.data.pairs.source == "on_policy" and c.data.pairs.judge != "toy":
+        stage.release()
         raise ConfigError(
             f"data.pairs.judge={c.data.pairs.judge!r}: the RM stage trains the reward model, so "
             "its on-policy pairs must be judged by the rule judge (data.pairs.judge=toy)"
@@ -216,44 +222,60 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             train_rows = train_rows.remove_columns("margin")
         log.info("rm: %d train pairs, %d held out", len(pair_set.train), len(pair_set.heldout))
 
-        # 3. The classifier on the SFT weights: new score head (+ fresh SEQ_CLS adapter).
-        loaded: LoadedModel = load_trainable_model(
-            model_cfg=c.model,
-            peft_cfg=c.peft,
-            paths=c.paths,
-            precision=stage.precision,
-            run_dir=stage.run_dir,
-            stage="rm",
-            task="seq_cls",
-            parent=parent,
-            parent_adapter=knobs.parent_adapter,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+        if stage.final_record is None:
+            # 3. The classifier on the SFT weights: new score head (+ fresh SEQ_CLS adapter).
+            loaded: LoadedModel = load_trainable_model(
+                model_cfg=c.model,
+                peft_cfg=c.peft,
+                paths=c.paths,
+                precision=stage.precision,
+                run_dir=stage.run_dir,
+                stage="rm",
+                task="seq_cls",
+                parent=parent,
+                parent_adapter=knobs.parent_adapter,
+                pad_token_id=tokenizer.pad_token_id,
+            )
 
-        # 4. Train.
-        trainer = RewardTrainerWithHeadLR(
-            model=loaded.model,
-            args=args,
-            train_dataset=train_rows,
-            processing_class=tokenizer,
-            head_learning_rate=knobs.head_learning_rate,
-        )
-        resume = str(stage.resume_checkpoint) if stage.resume_checkpoint else None
-        train_output = trainer.train(resume_from_checkpoint=resume)
-        history = trainer.state.log_history
-        metrics: dict[str, Any] = {
-            "train/loss": train_output.training_loss,
-            **loss_curve(history),
+            # 4. Train.
+            trainer = RewardTrainerWithHeadLR(
+                model=loaded.model,
+                args=args,
+                train_dataset=train_rows,
+                processing_class=tokenizer,
+                head_learning_rate=knobs.head_learning_rate,
+            )
+            train_metrics = train_resumably(stage, trainer, expected_rows=len(pair_set.train))
             # RewardTrainer logs the batch accuracy r(chosen) > r(rejected) it trains on.
-            **first_and_last(history, "accuracy", "train/accuracy"),
-            "train/pairs": len(trainer.train_dataset),
-            "train/steps": trainer.state.global_step,
-            "train/runtime_s": train_output.metrics.get("train_runtime"),
-        }
+            train_metrics.update(
+                first_and_last(trainer.state.log_history, "accuracy", "train/accuracy")
+            )
+            train_metrics["train/pairs"] = len(trainer.train_dataset)
+
+            # final/ now (checked to hold the trained head), before the evaluation: if that
+            # fails, the rerun loads final/ and only evaluates.
+            def save(final_dir: Path) -> None:
+                save_model(loaded, tokenizer, final_dir, model=trainer.model)
+                saved, trained = _saved_score_head(final_dir), _trained_score_head(trainer.model)
+                if not torch.equal(saved.to(trained.dtype), trained):
+                    raise RuntimeError(f"{final_dir}: the saved score head is not the trained one")
+
+            stage.save_final(
+                kind=loaded.kind,
+                base_model=loaded.base.as_dict(),
+                train_metrics=train_metrics,
+                save=save,
+            )
+            reward_model = trainer.model
+        else:  # an earlier attempt trained and saved final/, then failed
+            reward_model = load_reward_model(
+                stage.final_stage(), c.model, stage.precision, peft_cfg=c.peft
+            )
+        metrics: dict[str, Any] = dict(stage.final_record["train_metrics"])
 
         # 5. Held-out pairwise accuracy, margin distribution, and the toy probe.
         scorer = RewardScorer(
-            trainer.model, tokenizer, batch_size=knobs.per_device_batch_size * 2,
+            reward_model, tokenizer, batch_size=knobs.per_device_batch_size * 2,
             max_length=c.model.max_length,
         )  # fmt: skip
         chosen, rejected = scorer.score_pairs(pair_set.heldout)
@@ -277,20 +299,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if is_main_process():
             write_jsonl_atomic(stage.run_dir / HELDOUT_REWARDS, heldout_rewards)
 
-        # 6. Hand off: final/ (checked to hold the trained head), metrics, manifest, DONE.
+        # 6. Hand off: metrics, manifest, DONE.
         stage.manifest_extra["reward_margins"] = histogram
-
-        def save(final_dir: Path) -> None:
-            save_model(loaded, tokenizer, final_dir, model=trainer.model)
-            saved, trained = _saved_score_head(final_dir), _trained_score_head(trainer.model)
-            if not torch.equal(saved.to(trained.dtype), trained):
-                raise RuntimeError(f"{final_dir}: the saved score head is not the trained one")
-
         stage.finish(
-            kind=loaded.kind,
-            base_model=loaded.base.as_dict(),
             metrics=metrics,
             data={**pair_set.info, "heldout_rewards_path": str(stage.run_dir / HELDOUT_REWARDS)},
-            save=save,
         )
     return stage.metrics

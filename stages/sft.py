@@ -1,24 +1,33 @@
 """SFT stage: supervised instruction tuning on demonstrations with TRL's SFTTrainer.
 
 Recipe: load demonstrations -> build TRL args (validated before any weights load) -> load the
-base (full / LoRA / QLoRA) -> train (resuming from the last complete checkpoint) -> greedy
-accuracy on held-out toy prompts -> save final/, manifest, DONE.
+base (full / LoRA / QLoRA) -> train (resuming from the last complete checkpoint) ->
+save final/ -> greedy accuracy on held-out toy prompts -> manifest, DONE. A rerun after a
+failure past training loads final/ and only evaluates.
 """
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
 from trl import SFTConfig, SFTTrainer
 
 from data_recipes.sft_data import load_sft_rows
+from stages.core.data_accounting import sft_rows_to_train
 from stages.core.lifecycle import StageRun
-from stages.core.models import load_tokenizer, load_trainable_model, resolve_base_model, save_final
+from stages.core.models import (
+    load_stage_model,
+    load_tokenizer,
+    load_trainable_model,
+    require_training_template,
+    resolve_base_model,
+    save_final,
+)
 from stages.core.task_eval import toy_task_metrics
-from stages.core.trainer_args import loss_curve, trainer_arguments
+from stages.core.trainer_args import trainer_arguments
+from stages.core.training import train_resumably
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +42,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         # 1. Data and tokenizer (cheap, and they fail fast on bad input).
         base = resolve_base_model(c.model, c.paths)
         tokenizer = load_tokenizer(base.path, c.model)
-        train_rows, data_info = load_sft_rows(c.data)
+        if knobs.assistant_only_loss:  # a template without {% generation %}: fail before weights
+            require_training_template(tokenizer, base.path)
+        sft_rows = load_sft_rows(c.data)
 
         # 2. Trainer arguments: TRL validates them (and trainer_overrides) before weights load.
         args = SFTConfig(
@@ -43,40 +54,54 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             packing=knobs.packing,
             dataset_num_proc=None,
         )
-
-        # 3. Model: full weights, a LoRA adapter, or LoRA on a 4-bit base.
-        loaded = load_trainable_model(
-            model_cfg=c.model,
-            peft_cfg=c.peft,
-            paths=c.paths,
-            precision=stage.precision,
-            run_dir=stage.run_dir,
-            stage="sft",
-            parent=stage.parent,
-            parent_adapter=knobs.parent_adapter,
+        # Rows too long for max_length counted and dropped here, so the manifest is true.
+        train_rows, data_info = sft_rows_to_train(
+            sft_rows, tokenizer, args, c.data.max_dropped_fraction
         )
 
-        # 4. Train.
-        trainer = SFTTrainer(
-            model=loaded.model,
-            args=args,
-            train_dataset=train_rows,
-            processing_class=tokenizer,
-        )
-        resume = str(stage.resume_checkpoint) if stage.resume_checkpoint else None
-        train_output = trainer.train(resume_from_checkpoint=resume)
+        if stage.final_record is None:
+            # 3. Model: full weights, a LoRA adapter, or LoRA on a 4-bit base.
+            loaded = load_trainable_model(
+                model_cfg=c.model,
+                peft_cfg=c.peft,
+                paths=c.paths,
+                precision=stage.precision,
+                run_dir=stage.run_dir,
+                stage="sft",
+                parent=stage.parent,
+                parent_adapter=knobs.parent_adapter,
+            )
 
-        # 5. Held-out accuracy on the toy task, with a few samples in the log.
-        metrics: dict[str, Any] = {
-            "train/loss": train_output.training_loss,
-            **loss_curve(trainer.state.log_history),
-            "train/steps": trainer.state.global_step,
-            "train/runtime_s": train_output.metrics.get("train_runtime"),
-        }
+            # 4. Train.
+            trainer = SFTTrainer(
+                model=loaded.model,
+                args=args,
+                train_dataset=train_rows,
+                processing_class=tokenizer,
+            )
+            train_metrics = train_resumably(
+                stage, trainer, expected_rows=len(train_rows), args=args
+            )
+
+            # 5. final/ now, before the evaluation: if that fails, the rerun only evaluates.
+            stage.save_final(
+                kind=loaded.kind,
+                base_model=loaded.base.as_dict(),
+                train_metrics=train_metrics,
+                save=lambda final_dir: save_final(
+                    loaded, tokenizer, final_dir, model=trainer.model
+                ),
+            )
+            model = trainer.model
+        else:  # an earlier attempt trained and saved final/, then failed
+            model = load_stage_model(stage.final_stage(), c.model, c.peft, stage.precision)
+
+        # 6. Held-out accuracy on the toy task, with a few samples in the log.
+        metrics: dict[str, Any] = dict(stage.final_record["train_metrics"])
         samples: list[dict[str, Any]] = []
         if c.data.sft.source == "toy":
             toy_metrics, samples = toy_task_metrics(
-                trainer.model,
+                model,
                 tokenizer,
                 c.data.toy,
                 c.model,
@@ -85,16 +110,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             metrics.update(toy_metrics)
             log.info("sft held-out greedy accuracy: %.3f", metrics["eval/accuracy"])
 
-        # 6. Hand off: final/, metrics.json, manifest.json, DONE.
-        def save(final_dir: Path) -> None:
-            save_final(loaded, tokenizer, final_dir, model=trainer.model)
-
-        stage.finish(
-            kind=loaded.kind,
-            base_model=loaded.base.as_dict(),
-            metrics=metrics,
-            data=data_info,
-            save=save,
-            eval_samples=samples,
-        )
+        # 7. Hand off: metrics.json, manifest.json, DONE.
+        stage.finish(metrics=metrics, data=data_info, eval_samples=samples)
     return stage.metrics

@@ -99,8 +99,20 @@ def test_dpo_trains_against_the_sft_reference(compose_cfg, tmp_path, peft) -> No
     assert (dpo_dir / "comparison.txt").read_text().startswith("metric")
 
 
-def test_loss_knobs_reach_trl_and_precomputed_reference_is_sft(compose_cfg, tmp_path) -> None:
+def test_loss_knobs_reach_trl_and_precomputed_reference_is_sft(
+    compose_cfg, tmp_path, monkeypatch
+) -> None:
     sft.run(compose_cfg("peft=lora"))
+    # The arguments DPOTrainer really got (read in-process: the checkpoint's
+    # training_args.bin is a pickle, and nothing here unpickles files).
+    seen = []
+    original_init = dpo.DPOTrainer.__init__
+
+    def recording_init(self, *args, **kwargs):
+        seen.append(kwargs["args"])
+        original_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(dpo.DPOTrainer, "__init__", recording_init)
     knobs = [
         "stage.loss_type=hinge",
         "stage.sft_weight=0",
@@ -111,7 +123,7 @@ def test_loss_knobs_reach_trl_and_precomputed_reference_is_sft(compose_cfg, tmp_
     run_dir = tmp_path / "runs" / "toy" / "dpo"
     checkpoint = last_complete_checkpoint(run_dir)
     assert checkpoint is not None
-    args = torch.load(checkpoint / "training_args.bin", weights_only=False)
+    (args,) = seen
     assert args.loss_type == ["hinge"] and args.loss_weights == [1.0]
     assert args.beta == 0.3 and args.precompute_ref_log_probs is True
     first = next(e for e in _log_history(run_dir) if "rewards/margins" in e)
@@ -200,6 +212,7 @@ def test_reward_judge_must_fit_the_sft_parent(compose_cfg, sft_runs, tmp_path) -
         )
     )
     manifest = runs / "toy" / "sft" / MANIFEST
-    manifest.write_text(manifest.read_text().replace('"seed"', '"seed" ', 1))  # a new SFT
-    with pytest.raises(HandoffError, match="make rm EXP=toy ARGS=force=true"):
+    manifest.write_text(manifest.read_text().replace('"seed"', '"seed" ', 1))  # a new SFT:
+    (manifest.parent / DONE).write_text(json.dumps({"manifest_sha256": file_sha256(manifest)}))
+    with pytest.raises(HandoffError, match=r"make rm EXP=toy ARGS=\"?force=true"):
         dpo.run(compose_cfg("stage=dpo", *RM_JUDGED))

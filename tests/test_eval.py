@@ -4,23 +4,35 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
+import math
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPT2ForSequenceClassification,
+    GPT2LMHeadModel,
+)
 
 from data_recipes import toy
 from stages import dpo, sft
 from stages import eval as eval_stage
+from stages.core import generation
 from stages.core.comparison import (
     compare_with_parent,
+    kl_per_token,
     preference_logps,
     response_logprobs,
     tokenize_completion,
 )
+from stages.core.generation import context_length, fit_to_context, generate_ids
 from stages.core.handoff import DONE, MANIFEST, HandoffError, file_sha256
 from stages.core.models import load_tokenizer, resolve_base_model
+from stages.core.reward_scoring import RewardScorer
 from stages.core.schema import ModelConfig, PathsConfig, TinyModelSpec, ToyTaskConfig
+from stages.core.task_eval import toy_task_metrics
 
 from .test_dpo import PAIRS_FAST
 
@@ -157,3 +169,135 @@ def test_eval_of_a_stage_without_parent_fails_clearly(compose_cfg) -> None:
     sft.run(compose_cfg())
     with pytest.raises(HandoffError, match="no parent"):
         eval_stage.run(compose_cfg("stage=eval", "stage.target=sft"))
+
+
+# ------------------------------------------------------------- the model's context length
+
+SHORT_CONTEXT = 24  # toy prompts render to ~19-23 tokens; model.max_new_tokens is 16
+
+
+@pytest.fixture(scope="module")
+def short_context_gpt2(tiny, tmp_path_factory: pytest.TempPathFactory):
+    """A random-init GPT-2-shaped model saved and reloaded like a local checkpoint, with the
+    project's tokenizer: its learned position table has only SHORT_CONTEXT rows."""
+    _, tokenizer, _ = tiny
+    directory = tmp_path_factory.mktemp("gpt2_short_context")
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=len(tokenizer), n_positions=SHORT_CONTEXT, n_embd=32, n_layer=1, n_head=2,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    GPT2LMHeadModel(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    model_cfg = ModelConfig(name="gpt2-short", name_or_path=str(directory), max_new_tokens=16)
+    return AutoModelForCausalLM.from_pretrained(directory), load_tokenizer(directory, model_cfg)
+
+
+@pytest.fixture
+def fresh_log_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(generation, "_already_logged", set())
+
+
+def test_context_length_comes_from_the_model_config(tiny, short_context_gpt2) -> None:
+    assert context_length(short_context_gpt2[0]) == SHORT_CONTEXT  # GPT-2: n_positions
+    assert context_length(tiny[0]) == tiny[0].config.max_position_embeddings  # Llama
+    assert context_length(torch.nn.Linear(2, 2)) is None
+
+
+def test_fit_to_context_truncates_the_prompt_first_and_caps_the_reply() -> None:
+    assert fit_to_context(20, 16, None) == (20, 16)  # no known limit
+    assert fit_to_context(20, 16, 36) == (20, 16)  # fits exactly
+    assert fit_to_context(40, 16, 48) == (32, 16)  # the prompt gives way
+    assert fit_to_context(40, 32, 32) == (16, 16)  # then both share the context
+    assert fit_to_context(10, 200, 100) == (10, 90)  # a short prompt leaves the reply the rest
+    with pytest.raises(ValueError, match="no room for a reply"):
+        fit_to_context(5, 5, 1)
+
+
+def test_the_short_context_model_really_fails_past_its_positions(short_context_gpt2) -> None:
+    """Guards the tests below: what they run would crash without fitting to the context."""
+    model, _ = short_context_gpt2
+    with pytest.raises(IndexError):
+        model(input_ids=torch.zeros((1, SHORT_CONTEXT + 1), dtype=torch.long))
+
+
+def test_generation_fits_prompt_and_reply_into_the_context(
+    short_context_gpt2, caplog, fresh_log_once
+) -> None:
+    model, tokenizer = short_context_gpt2
+    problems = toy.eval_prompts(ToyTaskConfig(num_eval=8))
+    prompts = [p.messages() for p in problems]
+    full = generation.render_prompts(tokenizer, prompts, 64)
+    assert max(map(len, full)) + 16 > SHORT_CONTEXT
+    with caplog.at_level(logging.WARNING, logger="stages.core.generation"):
+        for do_sample in (False, True, True):
+            prompt_ids, responses = generate_ids(
+                model, tokenizer, prompts, max_new_tokens=16, max_prompt_length=64,
+                do_sample=do_sample, seed=1, num_return_sequences=2 if do_sample else 1,
+            )  # fmt: skip
+            for p, whole, rows in zip(prompt_ids, full, responses):
+                assert whole[-len(p) :] == p  # left-truncated: the end of the prompt is kept
+                assert all(max(map(len, prompt_ids)) + len(r) <= SHORT_CONTEXT for r in rows)
+            assert max(len(r) for rows in responses for r in rows) > 0
+    said = [r for r in caplog.records if "context is 24 positions" in r.getMessage()]
+    assert len(said) == 1, caplog.text  # once, not once per call
+    assert "model.max_prompt_length + model.max_new_tokens <= 24" in said[0].getMessage()
+
+
+def test_comparison_and_eval_run_within_a_short_context(
+    short_context_gpt2, caplog, fresh_log_once
+) -> None:
+    model, tokenizer = short_context_gpt2
+    model_cfg = ModelConfig(name="gpt2-short", max_new_tokens=16, max_prompt_length=64)
+    toy_cfg = ToyTaskConfig(num_eval=8)
+    long_pair = {  # a held-out pair longer than the context: prompt and reply both
+        "prompt": [{"role": "user", "content": "What is 12 + 30? " * 3}],
+        "chosen": [{"role": "assistant", "content": "42. " * 8}],
+        "rejected": [{"role": "assistant", "content": "i do not know."}],
+    }
+    prompt_ids, reply_ids = tokenize_completion(tokenizer, long_pair["prompt"], "42. " * 8)
+    assert len(prompt_ids) > SHORT_CONTEXT and len(reply_ids) > SHORT_CONTEXT
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    with caplog.at_level(logging.WARNING, logger="stages.core.generation"):
+        m = compare_with_parent(
+            other, model, tokenizer, toy_cfg=toy_cfg, model_cfg=model_cfg,
+            heldout_pairs=[*_pairs(2), long_pair], num_kl_samples=8,
+        ).metrics  # fmt: skip
+        kl = kl_per_token(other, model, tokenizer, [p.messages() for p in toy.eval_prompts(toy_cfg)],
+                          model_cfg)  # fmt: skip
+        metrics, samples = toy_task_metrics(model, tokenizer, toy_cfg, model_cfg)
+    assert m["compare/kl_tokens"] > 0 and math.isfinite(m["compare/kl_per_token"])
+    assert m["compare/kl_per_token"] > 0  # a different model: the KL is really measured
+    assert m["compare/heldout_pairs"] == 3 and math.isfinite(m["compare/policy_logp_margin"])
+    assert kl["kl_tokens"] > 0 and math.isfinite(kl["kl_per_token"])
+    assert metrics["eval/num_prompts"] == 8 and len(samples) == 8
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("context is 24 positions" in msg for msg in messages)
+    assert sum("longer than the model's context of 24" in msg for msg in messages) == 1
+    # The long pair was scored on what fits: at most the context minus one prompt token.
+    chosen, rejected = preference_logps(model, tokenizer, [long_pair])
+    assert torch.isfinite(chosen).all() and torch.isfinite(rejected).all()
+    # A long prompt gives way to the response; a long response keeps one prompt token and
+    # the response tokens that fit after it.
+    long_prompt, long_reply = response_logprobs(
+        model, [[5] * 30, [5] * 5], [[6] * 10, [6] * 40], pad_token_id=0
+    )
+    assert long_prompt.shape == (10,) and long_reply.shape == (SHORT_CONTEXT - 1,)
+
+
+def test_reward_scoring_keeps_within_a_short_context(short_context_gpt2) -> None:
+    _, tokenizer = short_context_gpt2
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=len(tokenizer), n_positions=SHORT_CONTEXT, n_embd=32, n_layer=1, n_head=2,
+        num_labels=1, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    scorer = RewardScorer(GPT2ForSequenceClassification(config).eval(), tokenizer, max_length=128)
+    assert scorer.max_length == SHORT_CONTEXT  # model.max_length 128 lowered to the context
+    long_row = list(range(10, 10 + 2 * SHORT_CONTEXT))
+    long_score, end_score = scorer.score_ids([long_row, long_row[-SHORT_CONTEXT:]])
+    assert long_score == pytest.approx(end_score)  # the RM read the row's last tokens

@@ -12,11 +12,12 @@ from stages.core.handoff import HandoffError, last_complete_checkpoint
 from stages.core.lifecycle import StageRun
 
 
-def test_missing_parent_names_the_make_target(compose_cfg) -> None:
+def test_missing_parent_names_the_make_target(compose_cfg, tmp_path) -> None:
     with pytest.raises(HandoffError) as err:
         StageRun.begin(compose_cfg("stage=dpo"), "dpo")
     message = str(err.value)
     assert "make sft EXP=toy" in message and "does not exist" in message
+    assert not (tmp_path / "runs").exists(), "a failed start leaves no run dir behind"
 
 
 def test_incomplete_parent_says_to_resume(compose_cfg, tmp_path) -> None:
@@ -59,6 +60,27 @@ def test_last_complete_checkpoint_skips_partial_ones(tmp_path) -> None:
     for step, complete in ((5, True), (10, True), (15, False)):
         ckpt = tmp_path / f"checkpoint-{step}"
         ckpt.mkdir()
-        if complete:
-            (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        if complete:  # the marker is written last, once everything else is on disk
+            handoff.mark_checkpoint_complete(ckpt)
     assert last_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-10"
+    # A marker whose files were truncated afterwards (a full disk) no longer counts.
+    (tmp_path / "checkpoint-10" / "trainer_state.json").write_text("")
+    assert last_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-5"
+
+
+def test_done_records_the_manifest_hash_and_final_hashes(compose_cfg, tmp_path) -> None:
+    sft.run(compose_cfg())
+    run_dir = tmp_path / "runs" / "toy" / "sft"
+    manifest = json.loads((run_dir / handoff.MANIFEST).read_text())
+    done = json.loads((run_dir / handoff.DONE).read_text())
+    assert done["manifest_sha256"] == handoff.file_sha256(run_dir / handoff.MANIFEST)
+    assert manifest["final_sha256"] == handoff.final_file_hashes(run_dir / handoff.FINAL)
+    assert "model.safetensors" in manifest["final_sha256"]
+    assert manifest["fingerprint"]["config_sha256"] == handoff.config_sha256(
+        handoff.defining_config(manifest["config"])
+    )
+    assert "stage.logging_steps" in manifest["fingerprint"]["non_defining_keys"]
+    # Checkpoints are marked complete by the trainer callback, after trainer_state.json.
+    assert handoff.is_complete_checkpoint(run_dir / "checkpoint-12")
+    assert not (run_dir / handoff.LOCK).exists(), "the lock is released at the end"

@@ -286,10 +286,10 @@ class _LastTokenRoles(PPORoles):
     train_module = torch.nn.Identity()
 
     class _Policy(torch.nn.Module):
-        def forward(self, input_ids, attention_mask, position_ids, past_key_values=None, **_):
+        def forward(self, input_ids, attention_mask, position_ids, cache=None, **_):
             from types import SimpleNamespace
 
-            if past_key_values is None:  # the prompt pass
+            if cache is None:  # the prompt pass
                 self.stops, self.calls = input_ids[:, -1] == 7, 0
             self.calls += 1
             logits = torch.zeros(input_ids.shape[0], 1, 16)
@@ -297,7 +297,7 @@ class _LastTokenRoles(PPORoles):
             if self.calls == 3:
                 logits[self.stops] = -50.0
                 logits[self.stops, :, EOS] = 50.0
-            return SimpleNamespace(logits=logits, past_key_values="cache")
+            return SimpleNamespace(logits=logits, cache="cache")
 
     @contextmanager
     def generation_policy(self):

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from stages import rm
-from stages.core.handoff import DONE, MANIFEST, HandoffError
+from stages.core.handoff import DONE, MANIFEST, HandoffError, file_sha256
 from stages.core.schema import ConfigError
 from stages.ppo import stage as ppo_stage
 from tests.conftest import FIXTURES
@@ -138,7 +138,13 @@ def test_ppo_rejects_a_reward_model_of_another_sft(compose_cfg, parents, tmp_pat
     manifest = json.loads(manifest_path.read_text())
     manifest["parent"]["manifest_sha256"] = "0" * 64  # as if SFT was re-run after the RM
     manifest_path.write_text(json.dumps(manifest))
-    with pytest.raises(HandoffError, match="make rm EXP=toy ARGS=force=true"):
+    # ... and the RM finished again so (DONE records its manifest's sha256).
+    (manifest_path.parent / DONE).write_text(
+        json.dumps({"manifest_sha256": file_sha256(manifest_path)})
+    )
+    with pytest.raises(
+        HandoffError, match=r"trained on another SFT.*make rm EXP=toy ARGS=\"?force=true"
+    ):
         ppo_stage.run(compose_cfg(*PPO_SMOKE, fast=False))
     assert not (tmp_path / "runs" / "toy" / "ppo" / DONE).exists()
 

@@ -25,7 +25,7 @@ from transformers import (
 )
 
 from stages.core.models import keep_4bit_backward
-from stages.ppo import PPOHyperparams, PPOTrainer, SeparateRoles, SharedBaseRoles
+from stages.ppo import PPOConfigError, PPOHyperparams, PPOTrainer, SeparateRoles, SharedBaseRoles
 from stages.ppo.roles import causal_lm_response_logits
 
 REPO = Path(__file__).resolve().parents[1]
@@ -154,6 +154,41 @@ def test_full_weights_two_updates_train_policy_and_value_only(tmp_path):
     # save_steps=1, save_total_limit=1: only the newest checkpoint survives.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2"]
     assert trainer.latest_checkpoint() == tmp_path / "checkpoint-2"
+
+
+def test_prompts_are_fit_to_a_short_learned_position_context(caplog):
+    """A GPT-2-shaped policy has learned positions: prompt + response past n_positions is an
+    IndexError inside the embedding. The trainer keeps each prompt's end so both fit."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
+
+    def gpt2(cls, seed: int, **extra):
+        torch.manual_seed(seed)
+        config = GPT2Config(
+            vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=12,
+            pad_token_id=PAD, eos_token_id=EOS, bos_token_id=EOS, **extra,
+        )  # fmt: skip
+        return cls(config)
+
+    roles = SeparateRoles(
+        policy=gpt2(GPT2LMHeadModel, 0),
+        value_model=gpt2(GPT2ForSequenceClassification, 1, num_labels=1),
+        reward_model=gpt2(GPT2ForSequenceClassification, 1, num_labels=1),
+        reference=gpt2(GPT2LMHeadModel, 0),
+    )
+    long_prompts = [[3 + (i + j) % (VOCAB - 3) for j in range(10)] for i in range(8)]
+    with caplog.at_level("WARNING"):
+        trainer = PPOTrainer(
+            hyperparams(response_length=6), roles, long_prompts, pad_token_id=PAD,
+            eos_token_id=EOS,
+        )  # fmt: skip
+    # 12 positions - 6 response tokens: each prompt keeps its last 6 tokens.
+    assert trainer.prompts == [p[-6:] for p in long_prompts]
+    assert "keep only their last 6 tokens" in caplog.text
+    metrics = trainer.train()
+    assert_finite(metrics)
+
+    with pytest.raises(PPOConfigError, match=r"stage\.response_length=12"):
+        PPOTrainer(hyperparams(response_length=12), roles, long_prompts, pad_token_id=PAD)
 
 
 def test_same_seed_same_run_and_exact_resume(tmp_path):
@@ -487,4 +522,4 @@ def test_two_process_ddp_keeps_ranks_in_sync(tmp_path):
     assert ranks[0]["metrics"][-1]["objective/kl"] == ranks[1]["metrics"][-1]["objective/kl"]
     for metrics in ranks[0]["metrics"]:
         assert_finite(metrics)
-    assert len(torch.load(tmp_path / "ck" / "rng_state.pt", weights_only=False)) == 2
+    assert len(torch.load(tmp_path / "ck" / "rng_state.pt", weights_only=True)) == 2

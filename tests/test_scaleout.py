@@ -91,17 +91,20 @@ def _make(*args: str) -> subprocess.CompletedProcess:
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
 def test_make_launch_accelerate_runs_the_stage_under_accelerate() -> None:
     out = _make("sft", "LAUNCH=accelerate", "ACC=ddp", "NPROC=4", "EXP=toy_lora").stdout
+    # EXP and ARGS reach the command through the environment (stages/make_args.py; what they
+    # expand to is tested in tests/test_make_args.py), never pasted into the shell line.
     assert (
         "accelerate launch --config_file conf/accelerate/ddp.yaml --num_processes 4 "
-        "-m stages stage=sft experiment=toy_lora"
+        '-m stages stage=sft "experiment=$ALIGNPIPE_EXP"'
     ) in out
     plain = _make("dpo").stdout
-    assert "python -m stages stage=dpo experiment=toy" in plain and "accelerate" not in plain
+    assert 'python -m stages stage=dpo "experiment=$ALIGNPIPE_EXP"' in plain
+    assert "accelerate" not in plain
 
     bad = _make("sft", "LAUNCH=accelerate", "ACC=zero9")
     assert bad.returncode != 0 and "conf/accelerate/zero9.yaml" in bad.stderr
     sweep = _make("sweep", "SWEEP=dpo_beta")
-    assert "-m stages -m +sweep=dpo_beta experiment=toy" in sweep.stdout
+    assert '-m stages -m "+sweep=$ALIGNPIPE_SWEEP" "experiment=$ALIGNPIPE_EXP"' in sweep.stdout
 
 
 @pytest.mark.parametrize(

@@ -144,7 +144,8 @@ def test_sweep_jobs_get_their_own_run_dirs_but_share_the_plain_parent(
 ) -> None:
     sft_dir = tmp_path / "runs" / "toy" / "sft"
     (sft_dir / "final").mkdir(parents=True)
-    handoff.finalize_stage(sft_dir, {"stage": "sft", "kind": "full", "base_model": {"id": "x"}}, {})
+    manifest = {"stage": "sft", "kind": "full", "base_model": {"id": "x"}, "final_sha256": {}}
+    handoff.finalize_stage(sft_dir, manifest, {})  # final/ is empty: no file hashes
     jobs = [
         StageRun.begin(
             apply_sweep_job(compose_cfg("stage=dpo"), override_dirname=o, overrides=[o]), "dpo"
@@ -309,5 +310,7 @@ def test_sweep_dir_is_bookkeeping_only() -> None:
     """Hydra's own sweep dir sits beside the stage dirs, never inside a run dir."""
     cfg = _hydra_cfg("+sweep=dpo_beta")
     sweep = OmegaConf.to_container(cfg.hydra.sweep, resolve=False)
-    assert sweep["dir"].endswith("/_sweeps/${stage.name}")
+    # Built by the run_path resolver (stages/core/run_paths.py), which checks the names.
+    assert sweep["dir"] == "${run_path:${paths.runs_root},${experiment_name},_sweeps,${stage.name}}"
+    assert cfg.hydra.sweep.dir == "runs/toy/_sweeps/dpo"
     assert sweep["subdir"] == "${hydra.job.num}"

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from data_recipes import toy
-from stages.core.generation import generate_ids, right_pad
+from stages.core.generation import context_length, fit_sequence, generate_ids, right_pad
 from stages.core.runtime import is_main_process
 from stages.core.schema import DataConfig, ModelConfig, ToyTaskConfig
 from stages.core.task_eval import greedy_replies
@@ -102,15 +102,24 @@ def response_logprobs(
 ) -> list[torch.Tensor]:
     """Per-token log-probs (fp32) of each response given its prompt, at ``temperature``.
 
-    Right-padded batches: every sequence starts at position 0, as in training.
+    Right-padded batches: every sequence starts at position 0, as in training. A sequence
+    longer than the model's context is fitted to it (`generation.fit_sequence`: prompt
+    left-truncated, then the response's end unscored), so its tensor may be shorter than
+    its response.
     """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    context = context_length(model)
     out: list[torch.Tensor] = []
     for start in range(0, len(prompt_ids), batch_size):
-        prompts = prompt_ids[start : start + batch_size]
-        responses = response_ids[start : start + batch_size]
+        fitted = [
+            fit_sequence(p, r, context)
+            for p, r in zip(
+                prompt_ids[start : start + batch_size], response_ids[start : start + batch_size]
+            )
+        ]
+        prompts, responses = [f[0] for f in fitted], [f[1] for f in fitted]
         seqs = [list(p) + list(r) for p, r in zip(prompts, responses)]
         input_ids, attention = right_pad(seqs, pad_token_id)
         logits = model(
@@ -181,7 +190,7 @@ def kl_per_token(
     on_policy = response_logprobs(policy, p_ids, r_ids, pad_token_id=pad, temperature=temperature)
     on_parent = response_logprobs(parent, p_ids, r_ids, pad_token_id=pad, temperature=temperature)
     total = sum(float((a - b).sum()) for a, b in zip(on_policy, on_parent))
-    tokens = sum(len(r) for r in r_ids)
+    tokens = sum(len(a) for a in on_policy)  # the tokens scored (all, when they fit)
     return {
         "kl_per_token": total / tokens,
         "kl_per_sequence": total / len(r_ids),

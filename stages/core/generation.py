@@ -3,10 +3,15 @@
 Prompts are chat messages; they are rendered with the tokenizer's chat template
 (``add_generation_prompt=True``), left-padded, and passed to ``model.generate`` in batches.
 Replies stop at EOS and are decoded without special tokens.
+
+Prompt + reply always fit the model's context (`context_length`, read from its config): when
+they would not, prompts are left-truncated and/or the reply budget capped (`fit_to_context`),
+and one log line says so. Scoring paths fit whole sequences the same way (`fit_sequence`).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from contextlib import nullcontext
 from typing import Any
@@ -17,7 +22,83 @@ from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from stages.core.runtime import is_main_process
 
+log = logging.getLogger(__name__)
+
 Messages = list[dict[str, str]]
+
+# Config attributes that give a model's number of positions (GPT-2 style configs alias
+# max_position_embeddings to n_positions; the others cover configs without that alias).
+_CONTEXT_ATTRIBUTES = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length")
+_already_logged: set[tuple[object, ...]] = set()
+
+
+def context_length(model: torch.nn.Module) -> int | None:
+    """The most tokens (prompt + reply) ``model`` can attend over, from its config; None when
+    the config names no limit. Works through PeftModel and multimodal (text) configs."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    for name in _CONTEXT_ATTRIBUTES:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def _log_once(key: tuple[object, ...], message: str, *args: object) -> None:
+    # Every eval calls the generator several times with the same budgets: say it once.
+    if key not in _already_logged:
+        _already_logged.add(key)
+        log.warning(message, *args)
+
+
+def fit_to_context(
+    longest_prompt: int, max_new_tokens: int, context: int | None
+) -> tuple[int, int]:
+    """(prompt tokens to keep, new tokens to generate) so that prompt + reply fit ``context``.
+
+    Unchanged when they already fit (or the context is unknown). Otherwise the prompt gives
+    way first (its start is dropped: the question and the generation prompt are at its end),
+    but the reply never takes more than what the prompt leaves or half the context, whichever
+    is more; both keep at least one token. Logs once per distinct adjustment.
+    """
+    if context is None or longest_prompt + max_new_tokens <= context:
+        return longest_prompt, max_new_tokens
+    if context < 2:
+        raise ValueError(f"a context of {context} position(s) leaves no room for a reply")
+    new_tokens = max(1, min(max_new_tokens, max(context - longest_prompt, context // 2)))
+    prompt_tokens = min(longest_prompt, context - new_tokens)
+    _log_once(
+        ("generate", context, longest_prompt, max_new_tokens),
+        "the model's context is %d positions but prompt + reply need %d + %d: keeping the last "
+        "%d prompt tokens and generating at most %d new tokens. To avoid this, set "
+        "model.max_prompt_length + model.max_new_tokens <= %d",
+        context, longest_prompt, max_new_tokens, prompt_tokens, new_tokens, context,
+    )  # fmt: skip
+    return prompt_tokens, new_tokens
+
+
+def fit_sequence(
+    prompt: Sequence[int], response: Sequence[int], context: int | None
+) -> tuple[list[int], list[int]]:
+    """``(prompt, response)`` cut to fit ``context`` for scoring: the prompt is left-truncated
+    (down to one token, which predicts the first response token), then the response's end is
+    cut. Callers score only the response tokens returned. Logs once per context."""
+    prompt, response = list(prompt), list(response)
+    if context is None or len(prompt) + len(response) <= context:
+        return prompt, response
+    keep_prompt = max(1, context - len(response))
+    prompt = prompt[-keep_prompt:] if prompt else prompt
+    response = response[: context - len(prompt)]
+    _log_once(
+        ("score", context),
+        "a scored sequence is longer than the model's context of %d positions: its prompt is "
+        "left-truncated and, if still too long, its response's end is not scored",
+        context,
+    )
+    return prompt, response
 
 
 def render_prompts(
@@ -77,13 +158,22 @@ def generate_ids(
     progress: str | None = None,
 ) -> tuple[list[list[int]], list[list[list[int]]]]:
     """Rendered prompt ids, and per prompt ``num_return_sequences`` response ids, each cut
-    after its first EOS (kept). For callers that score exactly the sampled tokens.
+    after its first EOS (kept). For callers that score exactly the sampled tokens. Prompt +
+    response fit the model's context (see `fit_to_context`); the prompt ids returned are the
+    ones generated from.
 
     Sampling is seeded per call (``seed``) so the same inputs give the same samples.
     """
     was_training = model.training
     model.eval()  # dropout off
     device = next(model.parameters()).device
+    encoded = render_prompts(tokenizer, prompts, max_prompt_length)
+    longest = max((len(ids) for ids in encoded), default=0)
+    # Left-padded batches put the longest prompt's last token at position longest - 1, so
+    # longest + max_new_tokens must fit the model's positions.
+    keep, max_new_tokens = fit_to_context(longest, max_new_tokens, context_length(model))
+    if keep < longest:
+        encoded = [ids[-keep:] for ids in encoded]
     generation_config = GenerationConfig(
         max_new_tokens=max_new_tokens,
         do_sample=do_sample,
@@ -95,7 +185,6 @@ def generate_ids(
         pad_token_id=tokenizer.pad_token_id,
         use_cache=True,
     )
-    encoded = render_prompts(tokenizer, prompts, max_prompt_length)
     responses: list[list[list[int]]] = []
     rng = torch.random.fork_rng(devices=[]) if seed is not None else nullcontext()
     starts = range(0, len(encoded), batch_size)

@@ -24,6 +24,8 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -48,8 +50,9 @@ from transformers import (
 )
 
 from stages.core.handoff import HandoffError, ParentStage, check_same_base
+from stages.core.model_sources import check_model_source
 from stages.core.runtime import Precision, is_main_process, main_process_first
-from stages.core.schema import ModelConfig, PathsConfig, PeftConfig
+from stages.core.schema import ConfigError, ModelConfig, PathsConfig, PeftConfig
 from stages.core.tiny_model import ensure_tiny_model, spec_hash
 
 log = logging.getLogger(__name__)
@@ -71,8 +74,31 @@ class BaseModelRef:
         return asdict(self)
 
 
+class ChatTemplateError(ConfigError):
+    """The tokenizer's chat template cannot do what the stage config asks of it."""
+
+
+def require_training_template(tokenizer: PreTrainedTokenizerBase, source: str | Path) -> None:
+    """For stage.assistant_only_loss=true: the chat template must mark assistant replies with
+    ``{% generation %}`` or be one TRL can patch (its own check), before any weights load."""
+    from trl.chat_template_utils import get_training_chat_template
+
+    try:
+        get_training_chat_template(tokenizer)
+    except ValueError:
+        raise ChatTemplateError(
+            f"stage.assistant_only_loss=true: the chat template of {source} has no "
+            "`{% generation %}` markers and TRL has no training version of it, so the loss "
+            "cannot be limited to the replies. Set stage.assistant_only_loss=false (loss on "
+            "the whole conversation), or give the tokenizer a template with "
+            "`{% generation %}...{% endgeneration %}` around each assistant reply "
+            "(chat_template.jinja in a saved tokenizer directory)."
+        ) from None
+
+
 def resolve_base_model(model_cfg: ModelConfig, paths: PathsConfig) -> BaseModelRef:
-    """Hub id / local path as given; the embedded tiny model is built on first use."""
+    """Hub id / local path as given (checked loadable: ``check_model_source``); the embedded
+    tiny model is built on first use."""
     if model_cfg.name_or_path.startswith("builtin:"):
         if model_cfg.name_or_path != "builtin:tiny":
             raise ValueError(
@@ -81,6 +107,7 @@ def resolve_base_model(model_cfg: ModelConfig, paths: PathsConfig) -> BaseModelR
         assert model_cfg.tiny is not None  # checked by the schema
         path = ensure_tiny_model(model_cfg.tiny, paths.builtin_models).resolve()
         return BaseModelRef(id=f"builtin:tiny-llama-{spec_hash(model_cfg.tiny)}", path=str(path))
+    check_model_source(model_cfg.name_or_path, model_cfg.revision)
     return BaseModelRef(
         id=model_cfg.name_or_path, path=model_cfg.name_or_path, revision=model_cfg.revision
     )
@@ -158,11 +185,68 @@ def load_pretrained(
     if task == "causal_lm":
         model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     else:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            str(path), num_labels=1, **kwargs
-        )
+        with held_load_reports() as reports:
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                str(path), num_labels=1, output_loading_info=True, **kwargs
+            )
+        if only_a_fresh_head(model, info):
+            # A causal LM becoming a reward model: the score head is new by design (and an
+            # untied lm_head goes), so transformers' MISSING-keys report says nothing wrong.
+            log.info("%s: new score head, trained by this stage", path)
+        else:
+            for record in reports:
+                logging.getLogger(record.name).handle(record)
         model.config.pad_token_id = pad_token_id  # needed to find the last real token
+    declare_tied_weights(model)
     return model
+
+
+class _HoldLoadReports(logging.Filter):
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "LOAD REPORT" in record.getMessage():
+            self.held.append(record)
+            return False
+        return True
+
+
+@contextmanager
+def held_load_reports() -> Iterator[list[logging.LogRecord]]:
+    """Hold back transformers' weight-loading report while a model loads (the caller decides
+    whether it says anything); every other record passes through."""
+    logger = logging.getLogger("transformers.modeling_utils")
+    hold = _HoldLoadReports()
+    logger.addFilter(hold)
+    try:
+        yield hold.held
+    finally:
+        logger.removeFilter(hold)
+
+
+def only_a_fresh_head(model: PreTrainedModel, info: dict[str, Any]) -> bool:
+    """True when every missing / unexpected key lies outside the base model (the new task
+    head, or the dropped lm_head) and nothing mismatched: a clean LM -> classifier load."""
+    prefix = model.base_model_prefix
+    outside = [*info.get("missing_keys", ()), *info.get("unexpected_keys", ())]
+    return not info.get("mismatched_keys") and all(
+        not key.startswith(f"{prefix}.") for key in outside
+    )
+
+
+def declare_tied_weights(model: PreTrainedModel) -> None:
+    """Let a resume re-tie tied weights instead of warning that they are missing.
+
+    save_pretrained leaves out the tied copy (``lm_head.weight`` of a model with tied
+    embeddings), and Trainer's resume warns ``missing keys ['lm_head.weight']`` unless the
+    missing keys are exactly the model's ``_keys_to_ignore_on_save``, in which case it ties
+    them. Declaring them changes nothing that is saved (the tied copy never is).
+    """
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    if tied:
+        model._keys_to_ignore_on_save = set(model._keys_to_ignore_on_save or ()) | tied
 
 
 @dataclass
@@ -305,6 +389,9 @@ def _seq_cls_adapter_from(model: PreTrainedModel, adapter_dir: Path) -> PeftMode
     config.task_type = "SEQ_CLS"
     config.inference_mode = False
     config.modules_to_save = None  # peft adds the `score` head for SEQ_CLS
+    # The parent's config names the base it was saved against (for QLoRA its 4-bit copy);
+    # here it goes onto ``model``, and save_final records the real base again.
+    config.base_model_name_or_path = None
     peft_model = get_peft_model(model, config)
     weights = load_file(str(adapter_dir / "adapter_model.safetensors"))
     # peft's loader also expects the (fresh) score head, which the parent adapter lacks.

@@ -43,8 +43,8 @@ import torch
 from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from stages.core.generation import right_pad
-from stages.core.handoff import HandoffError, ParentStage, resolve_parent
+from stages.core.generation import context_length, right_pad
+from stages.core.handoff import HandoffError, ParentStage, make_target, resolve_parent
 from stages.core.models import BASE_MODEL_FILE, load_pretrained, load_tokenizer
 from stages.core.runtime import Precision
 from stages.core.schema import ModelConfig, PeftConfig
@@ -100,7 +100,8 @@ class RewardScorer:
     ``model`` is any 1-label sequence classifier (plain, PeftModel, 4-bit); it is used in eval
     mode without gradients and its train/eval mode is restored afterwards. Rows longer than
     ``max_length`` keep their *last* ``max_length`` tokens (the reply and its end token are
-    what the RM reads); None keeps everything.
+    what the RM reads); None keeps everything. ``max_length`` never exceeds the model's
+    context (its config's positions): a longer one is lowered to it.
     """
 
     model: torch.nn.Module
@@ -118,6 +119,9 @@ class RewardScorer:
                 f"a reward model has one output, this one has num_labels="
                 f"{self.model.config.num_labels}"
             )
+        context = context_length(self.model)
+        if context is not None and (self.max_length is None or self.max_length > context):
+            self.max_length = context  # more positions than the model has would crash it
         # The classifier finds each row's last real token through config.pad_token_id.
         if config.pad_token_id is None:
             config.pad_token_id = self.tokenizer.pad_token_id
@@ -223,8 +227,8 @@ def resolve_reward_stage(
         raise HandoffError(
             f"the reward model in {rm.run_dir} was trained on another SFT output than "
             f"{sft.run_dir} (its parent manifest sha {rm_parent.get('manifest_sha256')!r} vs "
-            f"{sft.manifest_sha256!r}): re-run it with `make {reward_stage} "
-            f"EXP={experiment} ARGS=force=true`"
+            f"{sft.manifest_sha256!r}): re-run it with "
+            f"`{make_target(reward_stage, experiment, 'force=true')}`"
         )
     return rm
 

@@ -10,13 +10,21 @@ weights load.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
-from stages.ppo.config import PPOConfigError, PPOHyperparams
+from stages.core.bounds import SEED, Bound, at_least, out_of_bounds, positive, unit_interval
+from stages.core.run_paths import register_resolvers, run_path_problems
+from stages.ppo.config import PPOHyperparams
 
 STAGES = ("sft", "rm", "ppo", "dpo", "eval")
 PEFT_KINDS = ("none", "lora", "qlora")
@@ -24,17 +32,51 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 class ConfigError(ValueError):
-    """A config value or combination that cannot work; the message names the key."""
+    """A config value or combination that cannot work; the message names the key.
+
+    ``problems`` holds one line per problem: ``validate_config`` reports all of them at once.
+    """
+
+    def __init__(self, message: str, *, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.problems = problems or [message]
 
 
-def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
+# While validate_config runs, every __post_init__ check appends here instead of raising, so
+# the user sees every problem of a command line at once, not one per attempt.
+_collected: ContextVar[list[str] | None] = ContextVar("config_problems", default=None)
+
+
+@contextmanager
+def collect_problems() -> Iterator[list[str]]:
+    """Collect schema problems instead of raising at the first (see validate_config)."""
+    token = _collected.set([])
+    try:
+        yield _collected.get()  # type: ignore[misc]
+    finally:
+        _collected.reset(token)
+
+
+def _problem(message: str) -> None:
+    sink = _collected.get()
+    if sink is None:  # a schema built directly in code: fail at once
+        raise ConfigError(message)
+    sink.append(message)
+
+
+def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> bool:
     if value not in allowed:
-        raise ConfigError(f"{key}={value!r} is not one of {list(allowed)}")
+        _problem(f"{key}={value!r} is not one of {list(allowed)}")
+        return False
+    return True
 
 
-def _positive(key: str, value: float, *, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError(f"{key}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
+def _check_bounds(node: Any, prefix: str, bounds: dict[str, Bound]) -> bool:
+    """Range-check every numeric knob of ``node``; False when any is out of range."""
+    problems = out_of_bounds(prefix, {name: getattr(node, name) for name in bounds}, bounds)
+    for problem in problems:
+        _problem(problem)
+    return not problems
 
 
 # ----------------------------------------------------------------------------- model
@@ -51,9 +93,19 @@ class TinyModelSpec:
     max_position_embeddings: int = 256  # longest sequence the model can see
     init_seed: int = 0  # seed of the random init, so every run builds the same base
 
+    PREFIX = "model.tiny."
+    BOUNDS = {
+        "hidden_size": at_least(1),
+        "num_layers": at_least(1),
+        "num_heads": at_least(1),
+        "intermediate_size": at_least(1),
+        "max_position_embeddings": at_least(1),
+        "init_seed": SEED,
+    }
+
     def __post_init__(self) -> None:
-        if self.hidden_size % self.num_heads:
-            raise ConfigError(
+        if _check_bounds(self, self.PREFIX, self.BOUNDS) and self.hidden_size % self.num_heads:
+            _problem(
                 f"model.tiny.hidden_size={self.hidden_size} must be divisible by "
                 f"model.tiny.num_heads={self.num_heads}"
             )
@@ -86,11 +138,33 @@ class ModelConfig:
         ]
     )
 
+    PREFIX = "model."
+    BOUNDS = {
+        "max_length": at_least(1),
+        "max_prompt_length": at_least(1),
+        "max_new_tokens": at_least(1),
+    }
+
     def __post_init__(self) -> None:
-        if self.name_or_path.startswith("builtin:") and self.tiny is None:
-            raise ConfigError(f"model.name_or_path={self.name_or_path!r} needs a model.tiny spec")
-        _positive("model.max_length", self.max_length)
-        _positive("model.max_new_tokens", self.max_new_tokens)
+        builtin = self.name_or_path.startswith("builtin:")
+        if builtin and self.tiny is None:
+            _problem(f"model.name_or_path={self.name_or_path!r} needs a model.tiny spec")
+        if not _check_bounds(self, self.PREFIX, self.BOUNDS):
+            return
+        if self.max_prompt_length >= self.max_length:
+            _problem(
+                f"model.max_prompt_length={self.max_prompt_length} must be < "
+                f"model.max_length={self.max_length} (training rows hold prompt + reply)"
+            )
+        if (
+            builtin
+            and self.tiny is not None
+            and self.max_length > self.tiny.max_position_embeddings
+        ):
+            _problem(
+                f"model.max_length={self.max_length} must be <= "
+                f"model.tiny.max_position_embeddings={self.tiny.max_position_embeddings}"
+            )
 
 
 # ------------------------------------------------------------------------------ peft
@@ -111,11 +185,14 @@ class PeftConfig:
     # Dtype of the 4-bit matmuls: auto = bf16 (CPU needs it; fp32 mixes dtypes and fails).
     bnb_4bit_compute_dtype: str = "auto"
 
+    PREFIX = "peft."
+    BOUNDS = {"r": at_least(1), "alpha": positive(), "dropout": unit_interval(high_inclusive=False)}
+
     def __post_init__(self) -> None:
         _choice("peft.kind", self.kind, PEFT_KINDS)
         _choice("peft.bnb_4bit_quant_type", self.bnb_4bit_quant_type, ("nf4", "fp4"))
         _choice("peft.bnb_4bit_compute_dtype", self.bnb_4bit_compute_dtype, PRECISIONS)
-        _positive("peft.r", self.r)
+        _check_bounds(self, self.PREFIX, self.BOUNDS)
 
 
 # ------------------------------------------------------------------------------ data
@@ -141,18 +218,35 @@ class ToyTaskConfig:
     eval_seed: int = 2  # seed of the held-out prompts
     eval_fraction: float = 0.1  # share of all (A, B) pairs reserved for evaluation only
 
+    PREFIX = "data.toy."
+    BOUNDS = {
+        "num_train": at_least(1),
+        "num_eval": at_least(1),
+        "frac_correct": unit_interval(),
+        "frac_evasive": unit_interval(),
+        "frac_near_miss": unit_interval(),
+        "hard_frac_correct": unit_interval(),
+        "hard_frac_evasive": unit_interval(),
+        "hard_frac_near_miss": unit_interval(),
+        "train_seed": SEED,
+        "eval_seed": SEED,
+        "eval_fraction": unit_interval(low_inclusive=False, high_inclusive=False),
+    }
+
     def __post_init__(self) -> None:
+        if not _check_bounds(self, self.PREFIX, self.BOUNDS):
+            return
         for prefix in ("", "hard_"):
             fracs = [
                 getattr(self, f"{prefix}frac_{k}") for k in ("correct", "evasive", "near_miss")
             ]
-            if min(fracs) < 0 or abs(sum(fracs) - 1.0) > 1e-6:
-                raise ConfigError(
+            if abs(sum(fracs) - 1.0) > 1e-6:
+                _problem(
                     f"data.toy.{prefix}frac_correct + {prefix}frac_evasive + "
-                    f"{prefix}frac_near_miss must be >= 0 and sum to 1, got {sum(fracs):.4f}"
+                    f"{prefix}frac_near_miss must sum to 1, got {sum(fracs):.4f}"
                 )
         if self.train_seed == self.eval_seed:
-            raise ConfigError("data.toy.train_seed and data.toy.eval_seed must differ")
+            _problem("data.toy.train_seed and data.toy.eval_seed must differ")
 
 
 @dataclass
@@ -164,9 +258,8 @@ class SFTDataConfig:
     format: str = "auto"  # auto-detect, or messages|prompt_completion|alpaca|sharegpt
 
     def __post_init__(self) -> None:
+        # Whether a file is needed (and exists) depends on the stage: Config.__post_init__.
         _choice("data.sft.source", self.source, ("toy", "file"))
-        if self.source == "file" and not self.path:
-            raise ConfigError("data.sft.source=file needs data.sft.path=/path/to/file.jsonl")
 
 
 @dataclass
@@ -189,7 +282,20 @@ class PairsConfig:
     max_length_ratio: float | None = None
     seed: int = 0  # sampling seed
 
+    PREFIX = "data.pairs."
+    BOUNDS = {
+        "heldout_fraction": unit_interval(high_inclusive=False),
+        "num_prompts": at_least(1),
+        "samples_per_prompt": at_least(2),  # a pair needs two samples
+        "temperature": positive(),
+        "generation_batch_size": at_least(1),
+        "min_margin": at_least(0),
+        "max_length_ratio": at_least(1, nullable=True),
+        "seed": SEED,
+    }
+
     def __post_init__(self) -> None:
+        # Whether a file is needed (and exists) depends on the stage: Config.__post_init__.
         _choice("data.pairs.source", self.source, ("on_policy", "file"))
         _choice("data.pairs.judge", self.judge, ("toy", "reward_model"))
         _choice(
@@ -197,12 +303,7 @@ class PairsConfig:
             self.strategy,
             ("best_vs_worst", "best_vs_random", "ground_truth_vs_sample"),
         )
-        if self.source == "file" and not self.path:
-            raise ConfigError("data.pairs.source=file needs data.pairs.path=/path/to/pairs.jsonl")
-        if not 0 <= self.heldout_fraction < 1:
-            raise ConfigError("data.pairs.heldout_fraction must be in [0, 1)")
-        if self.samples_per_prompt < 2:
-            raise ConfigError("data.pairs.samples_per_prompt must be >= 2 to form a pair")
+        _check_bounds(self, self.PREFIX, self.BOUNDS)
 
 
 @dataclass
@@ -213,6 +314,14 @@ class DataConfig:
     toy: ToyTaskConfig = field(default_factory=ToyTaskConfig)  # the embedded addition task
     sft: SFTDataConfig = field(default_factory=SFTDataConfig)  # demonstrations for SFT
     pairs: PairsConfig = field(default_factory=PairsConfig)  # comparisons for DPO and the RM
+    # Warn when more than this share of the rows read is dropped (too long, duplicate, ...).
+    max_dropped_fraction: float = 0.2
+
+    PREFIX = "data."
+    BOUNDS = {"max_dropped_fraction": unit_interval()}
+
+    def __post_init__(self) -> None:
+        _check_bounds(self, self.PREFIX, self.BOUNDS)
 
 
 # ---------------------------------------------------------------------------- stages
@@ -243,12 +352,25 @@ class StageConfig:
     # TRL's own dataclass before weights load (e.g. {optim: adamw_torch_fused}).
     trainer_overrides: dict[str, Any] = field(default_factory=dict)
 
+    PREFIX = "stage."
+    BOUNDS = {
+        "learning_rate": positive(),
+        "max_steps": at_least(1),
+        "per_device_batch_size": at_least(1),
+        "gradient_accumulation_steps": at_least(1),
+        "warmup_ratio": unit_interval(),
+        "weight_decay": at_least(0),
+        "max_grad_norm": at_least(0),  # 0 = no clipping (transformers)
+        "logging_steps": at_least(1),
+        "save_steps": at_least(1),
+        "save_total_limit": at_least(1),
+        "num_eval_samples_logged": at_least(0),
+    }
+
     def __post_init__(self) -> None:
         _choice("stage.name", self.name, STAGES)
         _choice("stage.parent_adapter", self.parent_adapter, ("continue", "merge"))
-        _positive("stage.learning_rate", self.learning_rate)
-        _positive("stage.max_steps", self.max_steps)
-        _positive("stage.per_device_batch_size", self.per_device_batch_size)
+        _check_bounds(self, self.PREFIX, self.BOUNDS)
 
 
 @dataclass
@@ -274,10 +396,12 @@ class DPOStageConfig(StageConfig):
     precompute_ref_log_probs: bool = False  # one ref pass up front: saves memory, costs a pass
     sft_weight: float = 0.0  # + weight * NLL of the chosen replies (RPO); 0 = plain DPO
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _positive("stage.beta", self.beta)
-        _positive("stage.sft_weight", self.sft_weight, allow_zero=True)
+    BOUNDS = {
+        **StageConfig.BOUNDS,
+        "beta": positive(),
+        "label_smoothing": Bound(low=0, high=0.5, high_inclusive=False),  # 0.5 = coin flips
+        "sft_weight": at_least(0),
+    }
 
 
 @dataclass
@@ -293,10 +417,11 @@ class RMStageConfig(StageConfig):
     use_margin: bool = False  # use a `margin` column in the loss when the data has one
     head_learning_rate: float | None = None  # LR of the new score head; None = learning_rate
 
-    def __post_init__(self) -> None:  # the head LR, when set, must be positive too
-        super().__post_init__()
-        if self.head_learning_rate is not None:
-            _positive("stage.head_learning_rate", self.head_learning_rate)
+    BOUNDS = {
+        **StageConfig.BOUNDS,
+        "center_rewards_coefficient": at_least(0, nullable=True),
+        "head_learning_rate": positive(nullable=True),
+    }
 
 
 @dataclass
@@ -320,27 +445,30 @@ class PPOStageConfig(PPOHyperparams, StageConfig):
     num_prompts: int = 4096  # distinct training prompts (toy train pool or the pairs file)
     seed: int | None = None  # PPO's own seed (prompt order, sampling); None = the run's seed
 
+    # PPO's own knobs are range-checked by PPOHyperparams.ppo_problems (PPO_BOUNDS).
+    BOUNDS = {"num_prompts": at_least(1), "num_eval_samples_logged": at_least(0)}
+    # Trainer knobs PPO counts differently: any value fails, naming the PPO twin.
+    NOT_PPO_KNOBS = {
+        "max_steps": "total_updates",
+        "per_device_batch_size": "rollout_batch_size",
+        "warmup_ratio": "warmup_steps",
+    }
+
     def __post_init__(self) -> None:
         _choice("stage.name", self.name, STAGES)
         _choice("stage.parent_adapter", self.parent_adapter, ("continue", "merge"))
         _choice("stage.value_from", self.value_from, ("reward", "policy"))
-        _positive("stage.num_prompts", self.num_prompts)
-        for key, twin in (
-            ("max_steps", "total_updates"),
-            ("per_device_batch_size", "rollout_batch_size"),
-            ("warmup_ratio", "warmup_steps"),
-        ):
+        _check_bounds(self, self.PREFIX, self.BOUNDS)
+        for key, twin in self.NOT_PPO_KNOBS.items():
             if getattr(self, key) is not None:
-                raise ConfigError(f"stage.{key} is not a PPO knob: set stage.{twin} instead")
+                _problem(f"stage.{key} is not a PPO knob: set stage.{twin} instead")
         if self.trainer_overrides:
-            raise ConfigError(
+            _problem(
                 "stage.trainer_overrides does not apply to PPO (our own trainer, not a TRL "
                 "one): set the PPO knobs directly, e.g. stage.kl_coef=0.1"
             )
-        try:
-            self.validate_ppo()
-        except PPOConfigError as err:
-            raise ConfigError(str(err)) from None
+        for problem in self.ppo_problems():
+            _problem(problem)
 
 
 @dataclass
@@ -349,6 +477,8 @@ class EvalStageConfig(StageConfig):
     target: str = "dpo"  # stage to evaluate; it is compared with its own parent
     num_kl_samples: int = 64  # policy samples used to estimate KL(policy || parent)
     temperature: float = 1.0  # sampling temperature for the KL estimate
+
+    BOUNDS = {**StageConfig.BOUNDS, "num_kl_samples": at_least(1), "temperature": positive()}
 
 
 # ------------------------------------------------------------------- tracking, paths
@@ -398,20 +528,67 @@ class Config:
     experiment_name: str = "toy"  # run dirs live under runs/<experiment_name>/
     seed: int = 42  # seeds Python, NumPy, torch and the trainers: same seed -> same weights on CPU
     force: bool = False  # re-run a finished stage from scratch instead of a no-op
+    # Re-run the stage if it is stale (DONE but its config or parent changed; H3), or if its
+    # checkpoints were made with another config; otherwise a stale stage is an error.
+    rerun_stale: bool = False
     precision: str = "auto"  # auto = fp32 on CPU, bf16 on GPUs that have it, else fp16
     objective: str | None = None  # metric returned to Hydra sweepers (e.g. Optuna): eval/accuracy
+    # Validate, resolve parents and data files, print the plan; load no weights, write nothing.
+    dry_run: bool = False
+
+    PREFIX = ""
+    BOUNDS = {"seed": SEED}
 
     def __post_init__(self) -> None:
         _choice("precision", self.precision, PRECISIONS)
-        if not self.experiment_name or "/" in self.experiment_name:
-            raise ConfigError(f"experiment_name={self.experiment_name!r} must be a plain name")
+        _check_bounds(self, self.PREFIX, self.BOUNDS)
+        for problem in run_path_problems(self.experiment_name, self.paths.variant, self.stage):
+            _problem(problem)
         stage = self.stage
         if stage.parent is not None and stage.parent not in STAGES:
-            raise ConfigError(f"stage.parent={stage.parent!r} is not one of {list(STAGES)}")
+            _problem(f"stage.parent={stage.parent!r} is not one of {list(STAGES)}")
         if isinstance(stage, (DPOStageConfig, RMStageConfig, PPOStageConfig)) and (
             stage.parent is None
         ):
-            raise ConfigError(f"stage {stage.name} needs a parent stage (stage.parent=sft)")
+            _problem(f"stage {stage.name} needs a parent stage (stage.parent=sft)")
+        for key, path in data_files_needed(self):
+            _check_data_file(key, path)
+        if "fp16" in (self.precision, self.peft.bnb_4bit_compute_dtype) and not _has_cuda():
+            key = "precision" if self.precision == "fp16" else "peft.bnb_4bit_compute_dtype"
+            _problem(
+                f"{key}=fp16 needs a CUDA GPU and none is visible: use {key}=auto "
+                "(fp32 on CPU; 4-bit matmuls in bf16) or bf16"
+            )
+
+
+def data_files_needed(cfg: Config) -> list[tuple[str, str | None]]:
+    """(key, path) of each data file the stage reads: SFT its demonstrations, DPO / RM their
+    pairs, PPO its prompts (from the pairs file), eval nothing but its target's own files."""
+    data, stage = cfg.data, cfg.stage.name
+    needed: list[tuple[str, str | None]] = []
+    if stage == "sft" and data.sft.source == "file":
+        needed.append(("data.sft.path", data.sft.path))
+    if stage in ("rm", "dpo", "ppo") and data.pairs.source == "file":
+        needed.append(("data.pairs.path", data.pairs.path))
+    return needed
+
+
+def _check_data_file(key: str, path: str | None) -> None:
+    source = key.replace(".path", ".source")
+    if not path:
+        _problem(f"{source}=file needs {key}=<your file (.jsonl, .json or .parquet)>")
+    elif not Path(path).is_file():
+        where = Path(path) if Path(path).is_absolute() else Path(os.getcwd()) / path
+        _problem(
+            f"{key}={path!r}: no such file ({where}). Point {key} at an existing JSONL / JSON "
+            "/ Parquet file (relative paths are from the directory you run in)"
+        )
+
+
+def _has_cuda() -> bool:
+    import torch  # only when fp16 was asked for: most runs validate without torch
+
+    return torch.cuda.is_available()
 
 
 _STAGE_SCHEMAS = {
@@ -425,6 +602,7 @@ _STAGE_SCHEMAS = {
 
 def register_configs() -> None:
     """Register every schema so YAML options can name them in their defaults lists."""
+    register_resolvers()  # ${run_path:...} in conf/config.yaml's hydra.sweep.dir
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
     for name, schema in _STAGE_SCHEMAS.items():
@@ -437,15 +615,46 @@ def register_configs() -> None:
 
 
 def validate_config(cfg: DictConfig) -> Config:
-    """Instantiate the typed config, running every ``__post_init__`` cross-field check."""
-    try:
-        typed = OmegaConf.to_object(cfg)
-    except ConfigError:
-        raise
-    except Exception as err:  # omegaconf wraps errors raised inside __post_init__
-        cause = err.__cause__ or err.__context__
-        if isinstance(cause, ConfigError):
-            raise cause from None
-        raise
+    """Instantiate the typed config, running every ``__post_init__`` check of every schema;
+    raises one ConfigError listing every problem (``err.problems``), not only the first."""
+    missing = missing_keys(cfg)
+    if missing:
+        problems = [
+            f"{key} is missing (???): set {key}=<value> on the command line" for key in missing
+        ]
+        raise ConfigError("\n".join(problems), problems=problems)
+    with collect_problems() as problems:
+        try:
+            typed = OmegaConf.to_object(cfg)
+        except ConfigError:
+            raise
+        except Exception as err:  # omegaconf wraps errors raised inside __post_init__
+            cause = err.__cause__ or err.__context__
+            if isinstance(cause, ConfigError):
+                raise cause from None
+            raise
+    if problems:
+        raise ConfigError("\n".join(problems), problems=list(problems))
     assert isinstance(typed, Config)
     return typed
+
+
+def missing_keys(cfg: DictConfig) -> list[str]:
+    """Full keys of every mandatory value (``???``) left unset, e.g. ``model.name_or_path``."""
+    found: list[str] = []
+
+    def walk(node: Any, prefix: str) -> None:
+        if not isinstance(node, DictConfig):
+            return
+        for key in node:
+            full = f"{prefix}{key}"
+            if OmegaConf.is_missing(node, key):
+                found.append(full)
+            else:
+                try:
+                    walk(node._get_node(key), f"{full}.")
+                except MissingMandatoryValue:  # an interpolation to a ??? value
+                    found.append(full)
+
+    walk(cfg, "")
+    return found

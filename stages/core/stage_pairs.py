@@ -8,6 +8,7 @@ import gc
 from typing import TYPE_CHECKING, Any
 
 from data_recipes import pairs as pair_recipes
+from stages.core.data_accounting import preference_pairs_to_train
 from stages.core.handoff import ParentStage, pairs_cache_root
 from stages.core.models import load_stage_model
 from stages.core.reward_scoring import resolve_reward_stage, reward_model_judge
@@ -39,12 +40,25 @@ def pair_judge_stage(stage: StageRun) -> ParentStage | None:
 def stage_preference_pairs(
     stage: StageRun, tokenizer: Any, policy: torch.nn.Module | None = None
 ) -> pair_recipes.PairSet:
-    """Train / held-out pairs for ``stage`` from ``data.pairs``.
+    """Train / held-out pairs for ``stage`` from ``data.pairs``, without the train pairs
+    longer than ``model.max_length`` (counted, logged, and recorded in the manifest).
 
     On-policy pairs sample the parent stage's policy: pass it as ``policy`` when the stage
     keeps it anyway (DPO's reference); otherwise it is loaded here and freed afterwards.
     The reward-model judge, if configured, is loaded here and freed afterwards too.
     """
+    c = stage.cfg
+    pairs = _source_pairs(stage, tokenizer, policy)
+    # The trainer's limit: stage.trainer_overrides win over model.max_length, as in its args.
+    max_length = c.stage.trainer_overrides.get("max_length", c.model.max_length)
+    return preference_pairs_to_train(
+        pairs, tokenizer, max_length, stage.name, c.data.max_dropped_fraction
+    )
+
+
+def _source_pairs(
+    stage: StageRun, tokenizer: Any, policy: torch.nn.Module | None
+) -> pair_recipes.PairSet:
     c, parent = stage.cfg, stage.parent
     assert parent is not None  # preference stages always have a parent
     pairs_cfg = c.data.pairs

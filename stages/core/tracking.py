@@ -5,11 +5,17 @@ group = experiment (or the sweep), job_type = stage, and our resolved config nes
 config, so nesting keeps the two apart). The run is opened *before* the trainer starts so
 HF's callback reuses it, and finished at stage end, also on failure. Only the main process
 opens a run. ``WANDB_MODE`` is honoured unless tracking.mode is set.
+
+First run anywhere: with neither (and no ``wandb offline`` in W&B's settings) and no W&B
+credentials (WANDB_API_KEY, an identity token file, ~/.netrc or W&B's settings file, found
+exactly as wandb.init finds them, without network), the run goes offline instead of
+prompting or failing, and one log line says where it is and how to sync it.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -18,6 +24,32 @@ from stages.core.runtime import is_main_process
 from stages.core.schema import TrackingConfig
 
 log = logging.getLogger(__name__)
+
+
+def wandb_mode(configured: str | None) -> tuple[str | None, str | None]:
+    """The mode to pass to wandb.init, and why it is offline when we chose that.
+
+    tracking.mode, then WANDB_MODE, then W&B's own settings (``wandb offline``) decide when
+    set; otherwise offline unless W&B finds credentials. The credential lookup is wandb's
+    own (env, identity token file, .netrc, settings file), with no prompt and no network.
+    """
+    if configured is not None:
+        return configured, None
+    if os.environ.get("WANDB_MODE"):
+        return None, None
+    from wandb.sdk import wandb_setup
+    from wandb.sdk.lib import wbauth
+
+    settings = wandb_setup.singleton().settings
+    if settings._offline or settings._noop:
+        return None, None
+    host = wbauth.HostUrl(settings.base_url, app_url=settings.app_url)
+    found = wbauth.authenticate_session(
+        host=host, source="alignpipe", prompt=False, update_session=False
+    )
+    if found is not None:
+        return None, None
+    return "offline", f"no W&B credentials found for {host.url}"
 
 
 class StageTracker:
@@ -40,6 +72,7 @@ class StageTracker:
         self.config = config
         self.name = name or f"{experiment}/{stage}"
         self.run: Any = None
+        self._restore_term: Any = None  # W&B's console settings to restore after an offline run
 
     @property
     def enabled(self) -> bool:
@@ -54,12 +87,22 @@ class StageTracker:
         if not self.enabled:
             return self
         import wandb
+        from wandb.sdk import wandb_setup
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        mode, reason = wandb_mode(self.tracking.mode)
+        global_settings = wandb_setup.singleton().settings
+        offline = mode == "offline" or (mode is None and global_settings._offline)
+        if offline:
+            # W&B's offline banner ("Run `wandb online`...") and its warnings about what an
+            # offline run lacks (TRL asks every checkpoint for the run URL) say less than the
+            # one line below; they are off while this run is open and restored in __exit__.
+            wandb.termsetup(global_settings.model_copy(update={"show_warnings": False}), None)
+            self._restore_term = global_settings
         self.run = wandb.init(
             project=self.tracking.project,
             entity=self.tracking.entity,
-            mode=self.tracking.mode,  # None -> WANDB_MODE or online
+            mode=mode,  # None -> WANDB_MODE, W&B's settings, or online
             group=self.tracking.group or self.experiment,
             job_type=self.stage,
             name=self.name,
@@ -68,8 +111,24 @@ class StageTracker:
             dir=str(self.run_dir),
             # Several stages (or sweep jobs) in one process must each get a fresh run.
             reinit="finish_previous",
+            # No history/summary panels at the end: metrics.json and the manifest hold them.
+            settings=wandb.Settings(silent=True) if offline else wandb.Settings(quiet=True),
         )
-        log.info("W&B run %s (%s) in %s", self.run.id, self.run.settings.mode, self.run_dir)
+        settings = self.run.settings
+        if settings._offline and reason:
+            log.info(
+                "W&B run %s is offline (%s): %s. Upload it later with `wandb sync %s`; to "
+                "track online from the start, run `wandb login` (or set WANDB_API_KEY) first.",
+                self.run.id, reason, settings.sync_dir, settings.sync_dir,
+            )  # fmt: skip
+        elif settings._offline:
+            log.info(
+                "W&B run %s is offline (WANDB_MODE or tracking.mode): %s. Upload it with "
+                "`wandb sync %s`.",
+                self.run.id, settings.sync_dir, settings.sync_dir,
+            )  # fmt: skip
+        else:
+            log.info("W&B run %s (%s) in %s", self.run.id, settings.mode, self.run_dir)
         return self
 
     def log(self, metrics: dict[str, float], step: int | None = None) -> None:
@@ -90,3 +149,8 @@ class StageTracker:
         if self.run is not None:
             self.run.finish(exit_code=0 if exc is None else 1)
             self.run = None
+        if self._restore_term is not None:
+            import wandb
+
+            wandb.termsetup(self._restore_term, None)
+            self._restore_term = None

@@ -20,12 +20,25 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from stages.core.bounds import (
+    NULLABLE_SEED,
+    Bound,
+    at_least,
+    out_of_bounds,
+    positive,
+    unit_interval,
+)
+
 KL_ESTIMATORS = ("k1", "k3")
 LR_SCHEDULERS = ("linear", "constant", "cosine")
 
 
 class PPOConfigError(ValueError):
     """A PPO hyper-parameter (or a combination of them) is invalid; the message names it."""
+
+    def __init__(self, message: str, *, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.problems = problems or [message]
 
 
 @dataclass
@@ -184,53 +197,36 @@ class PPOHyperparams:
         self.validate_ppo()
 
     def validate_ppo(self) -> None:
-        """Check every PPO knob; raises PPOConfigError naming the offending key."""
-        for name in ("rollout_batch_size", "num_ppo_epochs", "num_minibatches",
-                     "gradient_accumulation_steps", "total_updates", "response_length",
-                     "logging_steps"):  # fmt: skip
-            _require(getattr(self, name) >= 1, name, "must be >= 1", getattr(self, name))
-        for name in ("total_episodes", "rollout_forward_batch_size", "save_total_limit"):
-            value = getattr(self, name)
-            _require(value is None or value >= 1, name, "must be >= 1 or null", value)
-        _require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0", self.warmup_steps)
-        _require(self.save_steps >= 0, "save_steps", "must be >= 0", self.save_steps)
-        _require(self.temperature > 0, "temperature", "must be > 0", self.temperature)
-        _require(
-            self.kl_estimator in KL_ESTIMATORS, "kl_estimator", f"must be one of {KL_ESTIMATORS}",
-            self.kl_estimator,
-        )  # fmt: skip
-        _require(
-            self.lr_scheduler in LR_SCHEDULERS, "lr_scheduler", f"must be one of {LR_SCHEDULERS}",
-            self.lr_scheduler,
-        )  # fmt: skip
-        _require(self.kl_coef >= 0, "kl_coef", "must be >= 0", self.kl_coef)
-        _require(0 <= self.gamma <= 1, "gamma", "must be in [0, 1]", self.gamma)
-        _require(0 < self.lam <= 1, "lam", "must be in (0, 1]", self.lam)
-        _require(self.cliprange > 0, "cliprange", "must be > 0", self.cliprange)
-        _require(self.cliprange_value > 0, "cliprange_value", "must be > 0", self.cliprange_value)
-        _require(self.vf_coef >= 0, "vf_coef", "must be >= 0", self.vf_coef)
-        _require(self.learning_rate > 0, "learning_rate", "must be > 0", self.learning_rate)
-        _require(self.weight_decay >= 0, "weight_decay", "must be >= 0", self.weight_decay)
-        _require(self.adam_epsilon > 0, "adam_epsilon", "must be > 0", self.adam_epsilon)
-        _require(
-            self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm",
-            "must be > 0 or null", self.max_grad_norm,
-        )  # fmt: skip
-        _require(
-            self.missing_eos_penalty is None or self.missing_eos_penalty >= 0,
-            "missing_eos_penalty", "must be >= 0 or null (it is subtracted)",
-            self.missing_eos_penalty,
-        )  # fmt: skip
-        _require(
-            self.stop_token is None or self.stop_token != "", "stop_token",
-            "must be 'eos', a token string, or null", self.stop_token,
-        )  # fmt: skip
+        """Check every PPO knob; raises one PPOConfigError naming every offending key."""
+        problems = self.ppo_problems()
+        if problems:
+            raise PPOConfigError("\n".join(problems), problems=problems)
+
+    def ppo_problems(self) -> list[str]:
+        """Every invalid PPO knob or combination, one line each (empty when all is well)."""
+        values = {name: getattr(self, name) for name in PPO_BOUNDS}
+        problems = out_of_bounds("stage.", values, PPO_BOUNDS)
+        if self.kl_estimator not in KL_ESTIMATORS:
+            problems.append(
+                f"stage.kl_estimator={self.kl_estimator!r} must be one of {KL_ESTIMATORS}"
+            )
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            problems.append(
+                f"stage.lr_scheduler={self.lr_scheduler!r} must be one of {LR_SCHEDULERS}"
+            )
+        if self.stop_token is not None and self.stop_token == "":
+            problems.append("stage.stop_token='' must be 'eos', a token string, or null")
+        split_ok = all(
+            PPO_BOUNDS[k].allows(getattr(self, k))
+            for k in ("rollout_batch_size", "num_minibatches", "gradient_accumulation_steps")
+        )
         split = self.num_minibatches * self.gradient_accumulation_steps
-        _require(
-            self.rollout_batch_size % split == 0, "rollout_batch_size",
-            f"must be divisible by num_minibatches * gradient_accumulation_steps = {split}",
-            self.rollout_batch_size,
-        )  # fmt: skip
+        if split_ok and self.rollout_batch_size % split:  # only once each part is valid
+            problems.append(
+                f"stage.rollout_batch_size={self.rollout_batch_size!r} must be divisible by "
+                f"stage.num_minibatches * stage.gradient_accumulation_steps = {split}"
+            )
+        return problems
 
     @property
     def num_updates(self) -> int:
@@ -258,6 +254,31 @@ class PPOHyperparams:
         return per_rank
 
 
-def _require(ok: bool, key: str, rule: str, value: object) -> None:
-    if not ok:
-        raise PPOConfigError(f"stage.{key}={value!r}: {rule}")
+# The range of every numeric knob (tests/test_config.py checks that none is missing).
+PPO_BOUNDS: dict[str, Bound] = {
+    "rollout_batch_size": at_least(1),
+    "num_ppo_epochs": at_least(1),
+    "num_minibatches": at_least(1),
+    "gradient_accumulation_steps": at_least(1),
+    "total_updates": at_least(1),
+    "total_episodes": at_least(1, nullable=True),
+    "rollout_forward_batch_size": at_least(1, nullable=True),
+    "response_length": at_least(1),
+    "temperature": positive(),
+    "missing_eos_penalty": at_least(0, nullable=True),  # it is subtracted
+    "kl_coef": at_least(0),
+    "gamma": unit_interval(),
+    "lam": unit_interval(low_inclusive=False),
+    "cliprange": positive(),
+    "cliprange_value": positive(),
+    "vf_coef": at_least(0),
+    "learning_rate": positive(),
+    "warmup_steps": at_least(0),
+    "max_grad_norm": positive(nullable=True),
+    "weight_decay": at_least(0),
+    "adam_epsilon": positive(),
+    "seed": NULLABLE_SEED,  # the stage schema lets it be null (= the run's seed)
+    "logging_steps": at_least(1),
+    "save_steps": at_least(0),
+    "save_total_limit": at_least(1, nullable=True),
+}

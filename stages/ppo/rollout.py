@@ -12,6 +12,7 @@ Masks are explicit booleans: pad ids are never used to infer them, so pad == eos
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
@@ -21,9 +22,12 @@ from torch import nn
 
 from stages.core.generation import left_pad
 from stages.ppo.advantages import last_token_index
+from stages.ppo.config import PPOConfigError
 
 if TYPE_CHECKING:
     from stages.ppo.roles import PPORoles
+
+log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- prompts
 
@@ -41,6 +45,33 @@ def left_pad_prompts(
             raise ValueError(f"prompt {row} of the batch is empty")
     ids, mask = left_pad(prompts, pad_token_id)
     return ids, mask.bool()
+
+
+def fit_prompts_to_context(
+    prompts: list[list[int]], response_length: int, context: int | None
+) -> list[list[int]]:
+    """Prompts left-truncated so that prompt + ``response_length`` fits ``context`` positions
+    (the policy's, from its config; None = no limit). The end of a prompt is kept: the question
+    and the generation prompt are there. Unchanged when everything fits."""
+    if context is None:
+        return prompts
+    room = context - response_length
+    if room < 1:
+        raise PPOConfigError(
+            f"stage.response_length={response_length} leaves no room for a prompt in the "
+            f"policy's context of {context} positions: set stage.response_length < {context}"
+        )
+    longest = max(len(p) for p in prompts)
+    if longest <= room:
+        return prompts
+    cut = sum(len(p) > room for p in prompts)
+    log.warning(
+        "the policy's context is %d positions: %d of %d PPO prompts (longest %d tokens) keep "
+        "only their last %d tokens so that stage.response_length=%d fits. To avoid this, set "
+        "model.max_prompt_length <= %d",
+        context, cut, len(prompts), longest, room, response_length, room,
+    )  # fmt: skip
+    return [p[-room:] for p in prompts]
 
 
 def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -106,7 +137,7 @@ def sample_completions(
             input_ids=token.unsqueeze(-1),
             attention_mask=attention,
             position_ids=next_position,
-            past_key_values=out.past_key_values,
+            cache=out.cache,  # transformers 5 name; `past_key_values` goes in 5.40
             use_cache=True,
         )
         next_position = next_position + 1

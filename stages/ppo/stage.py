@@ -3,8 +3,9 @@
 Recipe: resolve the SFT parent and the RM stage (both through their manifests; the RM must
 have been trained on this SFT) -> PPO knobs (validated with the config) -> tokenised training
 prompts (toy train pool, or the prompts of a pairs file; eval prompts never) -> the four
-roles -> our PPOTrainer under accelerate, resuming from the last checkpoint -> compare the
-policy with the SFT parent on held-out prompts -> save final/, manifest, DONE.
+roles -> our PPOTrainer under accelerate, resuming from the last checkpoint -> save final/ ->
+compare the policy with the SFT parent on held-out prompts -> manifest, DONE. A rerun after a
+failure past training loads final/ and only compares.
 
 Roles (``stages.ppo.roles``), by ``peft``:
 
@@ -29,6 +30,7 @@ import gc
 import json
 import logging
 import resource
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -245,7 +247,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     c, knobs = stage.cfg, stage.cfg.stage
     sft = stage.parent
     assert sft is not None  # the schema requires a parent for ppo
-    rm = resolve_reward_stage(c, sft)
+    with stage.guard():
+        rm = resolve_reward_stage(c, sft)
+        stage.add_upstream(rm)  # checked like the parent on resume and for staleness
     hyper = ppo_hyperparams(knobs, c.seed)
 
     with stage:
@@ -254,41 +258,62 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         prompts = training_prompts(c, tokenizer)
         log.info("ppo: %d training prompts, %d updates", len(prompts), hyper.num_updates)
 
-        # 2. The four roles, before any eval forward (4-bit CPU layers must keep autograd).
-        built = build_roles(stage, sft, rm)
-        stage.manifest_extra["roles"] = built.description
+        built: BuiltRoles | None = None
+        if stage.final_record is None:
+            # 2. The four roles, before any eval forward (4-bit CPU layers must keep autograd).
+            built = build_roles(stage, sft, rm)
+            stage.manifest_extra["roles"] = built.description
 
-        # 3. Train, resuming from the newest complete checkpoint-N. (After a resume, the
-        #    first/last trends in metrics.json cover the resumed updates only; W&B has all.)
-        history: list[dict[str, float]] = []
+            # 3. Train, resuming from the newest complete checkpoint-N (its log history too,
+            #    so the first/last trends cover the whole run).
+            def on_log(metrics: dict[str, float], update: int) -> None:
+                stage.tracker.log(metrics, step=update)
+                if is_main_process() and (update % 10 == 0 or update == hyper.num_updates):
+                    log.info(
+                        "update %d: score %.3f kl %.3f rlhf_reward %.3f eos %.2f len %.1f",
+                        update, metrics["objective/scores"], metrics["objective/kl"],
+                        metrics["objective/rlhf_reward"], metrics["response/eos_rate"],
+                        metrics["response/length_mean"],
+                    )  # fmt: skip
 
-        def on_log(metrics: dict[str, float], update: int) -> None:
-            history.append({"update": update, **metrics})
-            stage.tracker.log(metrics, step=update)
-            if is_main_process() and (update % 10 == 0 or update == hyper.num_updates):
-                log.info(
-                    "update %d: score %.3f kl %.3f rlhf_reward %.3f eos %.2f len %.1f",
-                    update, metrics["objective/scores"], metrics["objective/kl"],
-                    metrics["objective/rlhf_reward"], metrics["response/eos_rate"],
-                    metrics["response/length_mean"],
-                )  # fmt: skip
+            trainer = PPOTrainer(
+                hyper, built.roles, prompts, tokenizer=tokenizer,
+                accelerator=Accelerator(cpu=use_cpu()), output_dir=stage.run_dir, on_log=on_log,
+            )  # fmt: skip
+            checkpoint = trainer.latest_checkpoint()
+            if checkpoint is not None:
+                log.info("ppo: resuming from %s", checkpoint)
+                trainer.load_checkpoint(checkpoint)
+            trainer.train()
+            train_metrics: dict[str, Any] = {
+                "train/updates": trainer.step,
+                **_trends(trainer.log_history),
+                "perf/peak_rss_mb": peak_rss_mb(),  # before the comparison loads SFT again
+                "perf/role_weights_mb": role_weights_mb(built.roles),
+            }
 
-        trainer = PPOTrainer(
-            hyper, built.roles, prompts, tokenizer=tokenizer,
-            accelerator=Accelerator(cpu=use_cpu()), output_dir=stage.run_dir, on_log=on_log,
-        )  # fmt: skip
-        checkpoint = trainer.latest_checkpoint()
-        if checkpoint is not None:
-            log.info("ppo: resuming from %s", checkpoint)
-            trainer.load_checkpoint(checkpoint)
-        trainer.train()
-        metrics: dict[str, Any] = {"train/updates": trainer.step, **_trends(history)}
-        metrics["perf/peak_rss_mb"] = peak_rss_mb()  # before the comparison loads SFT again
-        metrics["perf/role_weights_mb"] = role_weights_mb(built.roles)
+            # 4. final/ (the policy alone) now, before the comparison: if that fails, the
+            #    rerun loads final/ and only compares.
+            roles = built
+            stage.save_final(
+                kind=built.policy.kind,
+                base_model=built.policy.base.as_dict(),
+                train_metrics=train_metrics,
+                save=lambda final_dir: save_policy(
+                    roles, tokenizer, final_dir, c.peft, stage.precision
+                ),
+            )
+        metrics: dict[str, Any] = dict(stage.final_record["train_metrics"])
 
-        # 4. Compare with the SFT parent on held-out prompts (greedy accuracy, KL, ...).
+        # 5. Compare with the SFT parent on held-out prompts (greedy accuracy, KL, ...).
         sft_policy = load_stage_model(sft, c.model, c.peft, stage.precision)
-        with built.roles.generation_policy() as policy:
+        with (
+            built.roles.generation_policy()
+            if built is not None  # else an earlier attempt trained and saved final/, then failed
+            else nullcontext(
+                load_stage_model(stage.final_stage(), c.model, c.peft, stage.precision)
+            )
+        ) as policy:
             comparison = compare_with_parent(
                 policy, sft_policy, tokenizer, toy_cfg=task_config(c.data), model_cfg=c.model,
                 seed=c.seed, policy_name="ppo", parent_name=sft.stage,
@@ -302,15 +327,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if is_main_process():
             (stage.run_dir / "comparison.txt").write_text(comparison.table + "\n")
 
-        # 5. Hand off: final/ (the policy alone), metrics.json, manifest.json, DONE.
+        # 6. Hand off: metrics.json, manifest.json, DONE.
         stage.finish(
-            kind=built.policy.kind,
-            base_model=built.policy.base.as_dict(),
             metrics=metrics,
             data={"prompts": len(prompts), "source": c.data.pairs.source},
-            save=lambda final_dir: save_policy(
-                built, tokenizer, final_dir, c.peft, stage.precision
-            ),
             eval_samples=comparison.samples,
         )
     return stage.metrics

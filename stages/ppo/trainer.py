@@ -16,6 +16,7 @@ size).
 from __future__ import annotations
 
 import json
+import pickle
 import random
 import shutil
 import time
@@ -32,6 +33,13 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from stages.core.generation import context_length
+from stages.core.handoff import (
+    HandoffError,
+    fsync_dir,
+    is_complete_checkpoint,
+    mark_checkpoint_complete,
+)
 from stages.ppo.advantages import compute_advantages, masked_mean
 from stages.ppo.config import PPOConfigError, PPOHyperparams
 from stages.ppo.losses import (
@@ -41,7 +49,13 @@ from stages.ppo.losses import (
     logprobs_from_logits,
 )
 from stages.ppo.roles import PPORoles
-from stages.ppo.rollout import Rollout, RolloutSettings, collect_rollout, left_pad_prompts
+from stages.ppo.rollout import (
+    Rollout,
+    RolloutSettings,
+    collect_rollout,
+    fit_prompts_to_context,
+    left_pad_prompts,
+)
 
 LogCallback = Callable[[dict[str, float], int], None]
 
@@ -53,6 +67,46 @@ STATE_FILE = "trainer_state.json"
 CHECKPOINT_PREFIX = "checkpoint-"
 _SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
 _RANK_SEED_STRIDE = 100_003  # a prime: per-rank seeds never collide with seed + small offsets
+
+
+class UnsafeCheckpointError(HandoffError):
+    """A checkpoint file holds more than tensors and plain values (tampered or foreign)."""
+
+
+def load_tensors_only(path: Path) -> Any:
+    """``torch.load`` restricted to tensors and plain Python values (``weights_only=True``).
+
+    A checkpoint under runs/ may come from someone else (a shared runs/ dir, a copied run):
+    a full unpickle would run whatever code a crafted file names. Everything we save here
+    (optimizer/scheduler state dicts, RNG states as tensors) loads this way.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise UnsafeCheckpointError(
+            f"{path} holds Python objects other than tensors and plain values, so it was not "
+            f"loaded (torch.load(weights_only=True) refused: {str(err).splitlines()[0]}). "
+            "It was not written by this PPO trainer: it may have been tampered with. Delete "
+            f"{path.parent} to resume from the previous checkpoint, or start over with "
+            "`make ppo ARGS=force=true`."
+        ) from None
+
+
+def _numpy_state_to_tensors(state: tuple[Any, ...]) -> tuple[Any, ...]:
+    """np.random.get_state() with its key array as a tensor (loads with weights_only=True)."""
+    name, keys, pos, has_gauss, cached_gaussian = state
+    return (
+        str(name),
+        torch.from_numpy(keys.astype(np.int64)),
+        int(pos),
+        int(has_gauss),
+        float(cached_gaussian),
+    )
+
+
+def _numpy_state_from_tensors(state: tuple[Any, ...]) -> tuple[Any, ...]:
+    name, keys, pos, has_gauss, cached_gaussian = state
+    return (name, keys.numpy().astype(np.uint32), pos, has_gauss, cached_gaussian)
 
 
 def normalize_prompts(prompts: Any) -> list[list[int]]:
@@ -159,7 +213,11 @@ class PPOTrainer:
         self.accelerator = accelerator or Accelerator()
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.on_log = on_log
-        self.prompts = normalize_prompts(prompts)
+        with roles.generation_policy() as policy:
+            context = context_length(policy)
+        self.prompts = fit_prompts_to_context(
+            normalize_prompts(prompts), config.response_length, context
+        )
 
         pad_token_id = (
             pad_token_id if pad_token_id is not None else getattr(tokenizer, "pad_token_id", None)
@@ -206,6 +264,9 @@ class PPOTrainer:
         self.sample_generator = torch.Generator(device=acc.device).manual_seed(local_seed)
         self.shuffle_generator = torch.Generator().manual_seed(local_seed + 1)
         self.step = 0  # completed updates
+        # Every logged update's metrics; saved in checkpoints, so after a resume it covers
+        # the whole run, as if it had never stopped.
+        self.log_history: list[dict[str, float]] = []
 
     # ------------------------------------------------------------------ the loop
     def train(self, num_updates: int | None = None) -> dict[str, float]:
@@ -226,10 +287,10 @@ class PPOTrainer:
             bar.set_postfix(
                 score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}"
             )
-            if self.on_log is not None and (
-                self.step % self.config.logging_steps == 0 or self.step == target
-            ):
-                self.on_log(metrics, self.step)
+            if self.step % self.config.logging_steps == 0 or self.step == target:
+                self.log_history.append({"update": self.step, **metrics})
+                if self.on_log is not None:
+                    self.on_log(metrics, self.step)
             save_steps = self.config.save_steps
             if self.output_dir is not None and (
                 (save_steps and self.step % save_steps == 0) or self.step == self.num_updates
@@ -388,8 +449,8 @@ class PPOTrainer:
     # ------------------------------------------------------------------ checkpoints
     def _rng_state(self) -> dict[str, Any]:
         state = {
-            "python": random.getstate(),
-            "numpy": np.random.get_state(),
+            "python": random.getstate(),  # (version, tuple of ints, None): plain types
+            "numpy": _numpy_state_to_tensors(np.random.get_state()),
             "torch": torch.get_rng_state(),
             "sample_generator": self.sample_generator.get_state(),
             "shuffle_generator": self.shuffle_generator.get_state(),
@@ -421,10 +482,15 @@ class PPOTrainer:
                 "num_updates": self.num_updates,
                 "world_size": self.world_size,
                 "episode": self.step * self.config.rollout_batch_size,
+                "log_history": self.log_history,
             }, indent=2))  # fmt: skip
-            # Rename last: a crash mid-save never leaves a checkpoint that looks complete.
+            # Completeness marker (file sizes, everything fsynced) last in the staging dir,
+            # then rename: a crash or a full disk mid-save never leaves a checkpoint that
+            # resume would take for complete.
+            mark_checkpoint_complete(staging)
             shutil.rmtree(directory, ignore_errors=True)
             staging.rename(directory)
+            fsync_dir(directory.parent)
         self.accelerator.wait_for_everyone()
         return directory
 
@@ -438,25 +504,27 @@ class PPOTrainer:
                 f"{self.world_size}: per-rank sampling would not continue the same way"
             )
         self.roles.load_trainable_state_dict(load_file(str(directory / TRAINABLE_FILE)))
-        self.optimizer.load_state_dict(torch.load(directory / OPTIMIZER_FILE, weights_only=False))
-        self.scheduler.load_state_dict(torch.load(directory / SCHEDULER_FILE, weights_only=False))
-        rng = torch.load(directory / RNG_FILE, weights_only=False)[self.rank]
+        self.optimizer.load_state_dict(load_tensors_only(directory / OPTIMIZER_FILE))
+        self.scheduler.load_state_dict(load_tensors_only(directory / SCHEDULER_FILE))
+        rng = load_tensors_only(directory / RNG_FILE)[self.rank]
         random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
+        np.random.set_state(_numpy_state_from_tensors(rng["numpy"]))
         torch.set_rng_state(rng["torch"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
         self.sample_generator.set_state(rng["sample_generator"])
         self.shuffle_generator.set_state(rng["shuffle_generator"])
         self.step = int(state["step"])
+        self.log_history = list(state.get("log_history", []))
 
     def latest_checkpoint(self) -> Path | None:
-        """The newest complete ``checkpoint-N`` under output_dir, if any (to resume from)."""
+        """The newest complete ``checkpoint-N`` (with its completeness marker) under
+        output_dir, if any (to resume from)."""
         if self.output_dir is None or not self.output_dir.is_dir():
             return None
         found = [
             p for p in self.output_dir.glob(f"{CHECKPOINT_PREFIX}*")
-            if p.name[len(CHECKPOINT_PREFIX):].isdigit() and (p / STATE_FILE).is_file()
+            if p.name[len(CHECKPOINT_PREFIX):].isdigit() and is_complete_checkpoint(p)
         ]  # fmt: skip
         return max(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]), default=None)
 
