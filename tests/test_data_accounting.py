@@ -4,6 +4,7 @@ left. The fixtures are built by tests/fixtures/make_fixtures.py (counts listed t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -107,6 +108,36 @@ def test_sft_counts_equal_what_sft_trainer_keeps(tokenizer, tmp_path) -> None:
     # The truncated rows are the ones TRL cut to max_length.
     cut = sum(len(ids) == MAX_LENGTH for ids in prepared["input_ids"])
     assert cut == info["rows_truncated"]
+
+
+def test_sft_counts_follow_the_template_trl_trains_with(tmp_path) -> None:
+    """A template without generation markers that TRL patches (Qwen2.5's): SFTTrainer
+    tokenises with TRL's training version, and the accounting must use the same masks
+    (with the unpatched one every mask is empty and too-long rows would count as kept)."""
+    import trl
+    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
+    qwen = build_tokenizer()
+    templates = Path(trl.__file__).parent / "chat_templates"
+    qwen.chat_template = (templates / "qwen2_5.jinja").read_text()
+    assert not has_generation_markers(qwen.chat_template)
+    source = _sft_source()
+    # Qwen's default system prompt makes rows of 178-243 tokens; at 200 the replies of some
+    # start past the limit (dropped) and some are cut (kept, truncated).
+    args = dataclasses.replace(_sft_args(tmp_path), max_length=200)
+    trainer_self = SimpleNamespace(
+        chat_template=get_training_chat_template(qwen),  # what SFTTrainer.__init__ sets
+        completion_only_loss=None,
+        _tokenizer=qwen,
+    )
+    prepared = SFTTrainer._prepare_dataset(
+        trainer_self, source.dataset, qwen, args, False, None, "train"
+    )
+    rows, info = sft_rows_to_train(source, qwen, args, 1.0)
+    assert info["rows_dropped"].get("too_long", 0) == 4  # the case this test is about
+    assert info["rows_truncated"] == 3
+    assert len(prepared) == info["rows_kept"] == len(rows)
+    check_trainer_rows(prepared, len(rows), "sft", args)
 
 
 def test_check_trainer_rows_fails_on_a_mismatch() -> None:

@@ -27,6 +27,8 @@ import shlex
 from collections.abc import Sequence
 from typing import Any
 
+from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
 from data_recipes.accounting import RowAccount
 from data_recipes.pairs import PairSet
 from data_recipes.preference_formats import content_hash
@@ -105,10 +107,16 @@ def _sft_trained_spans(
     ``assistant_only_loss`` the tokens of the template's assistant mask. first = -1 when no
     token is trained (TRL raises on those itself: a template without generation markers).
     """
+    # SFTTrainer swaps in TRL's training version of a template without generation markers
+    # (e.g. Qwen2.5's): the masks must come from the template it really tokenises with.
+    template = None
+    if assistant_only_loss and not has_generation_markers(tokenizer.chat_template):
+        template = get_training_chat_template(tokenizer)
     spans = []
     for start in range(0, len(messages), _BATCH):
         out = tokenizer.apply_chat_template(
             list(messages[start : start + _BATCH]),
+            chat_template=template,
             tokenize=True,
             return_dict=True,
             return_assistant_tokens_mask=assistant_only_loss,
