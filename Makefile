@@ -104,7 +104,7 @@ test-all: $(VENV)/.installed
 
 # Kill -9 soak of `make sft dpo` against an uninterrupted run (bench/soak.py): SOAK_CYCLES
 # kills at random moments of training, checkpoint saving and evaluation; ARGS = extra Hydra
-# overrides for every run (e.g. ARGS="stage.max_steps=24 stage.save_steps=8" for a short one).
+# overrides for every run (e.g. ARGS="stage.max_steps=24 stage.logging_steps=4 stage.save_steps=8": short).
 # soak-disk-full: `make sft` on a too-small tmpfs (needs root), then space freed and rerun.
 soak: $(VENV)/.installed
 	$(WITH_ARGS) $(BIN)/python bench/soak.py --cycles "$$ALIGNPIPE_SOAK_CYCLES" --seed "$$ALIGNPIPE_SOAK_SEED" --exp "$$ALIGNPIPE_EXP" --

@@ -18,8 +18,8 @@ than the run needs, which must fail; the tmpfs is then remounted bigger (space f
 same command rerun, which must recover by itself to the reference result.
 
     python bench/soak.py                              # 20 kills, the embedded default
-    python bench/soak.py --cycles 3 -- stage.max_steps=24 stage.save_steps=8
-    python bench/soak.py --disk-full -- stage.max_steps=24 stage.save_steps=8
+    python bench/soak.py --cycles 3 -- stage.max_steps=24 stage.logging_steps=4 stage.save_steps=8
+    python bench/soak.py --disk-full -- stage.max_steps=24 stage.logging_steps=4 stage.save_steps=8
     make soak SOAK_CYCLES=3 ARGS="stage.max_steps=24"   # the same through make
 
 Prints a table and exits 0 only when every finished round equals the reference and no rerun

@@ -87,6 +87,11 @@ def test_cross_field_checks_run_before_any_weights(compose_cfg) -> None:
     cfg = compose_cfg("stage=dpo", "stage.beta=-1")
     with pytest.raises(ConfigError, match=r"stage\.beta"):
         validate_config(cfg)
+    # A checkpoint between two logging steps would lose the losses logged since the last log:
+    # a resumed run could not report the same metrics.
+    cfg = compose_cfg("stage.logging_steps=20", "stage.save_steps=25")
+    with pytest.raises(ConfigError, match=r"stage\.save_steps=25 must be a multiple of stage"):
+        validate_config(cfg)
 
 
 def test_struct_mode_blocks_new_keys_on_typed_nodes(compose_cfg) -> None:

@@ -371,6 +371,19 @@ class StageConfig:
         _choice("stage.name", self.name, STAGES)
         _choice("stage.parent_adapter", self.parent_adapter, ("continue", "merge"))
         _check_bounds(self, self.PREFIX, self.BOUNDS)
+        if (
+            self.logging_steps >= 1
+            and self.save_steps >= 1
+            and self.save_steps % self.logging_steps
+        ):
+            # The trainer logs the mean loss since its last log; steps between the last log and
+            # a checkpoint are never logged, so a resume from it could not reproduce the metrics.
+            fit = -(-self.save_steps // self.logging_steps) * self.logging_steps
+            _problem(
+                f"stage.save_steps={self.save_steps} must be a multiple of "
+                f"stage.logging_steps={self.logging_steps}, so that a resumed run reports the "
+                f"same training metrics as an uninterrupted one: e.g. stage.save_steps={fit}"
+            )
 
 
 @dataclass
