@@ -106,6 +106,17 @@ def default_sft(tmp_path_factory: pytest.TempPathFactory, builtin_models_dir: Pa
     return root / "toy" / "sft"
 
 
+def saved_tensors(directory: Path) -> dict:
+    """Every tensor of every *.safetensors file in a saved model / adapter directory."""
+    from safetensors.torch import load_file
+
+    tensors: dict = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        tensors.update(load_file(path))
+    assert tensors, f"no safetensors in {directory}"
+    return tensors
+
+
 def copy_run(run_dir: Path, runs_root: Path, stage: str, experiment: str = "toy") -> Path:
     """Place a finished run at <runs_root>/<experiment>/<stage> (parents resolve from there)."""
     import shutil

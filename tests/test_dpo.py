@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from stages import dpo, rm, sft
 from stages.core.handoff import (
@@ -21,7 +20,7 @@ from stages.core.handoff import (
 from stages.core.reward_scoring import RewardScorer
 from stages.core.runtime import resolve_precision
 from stages.core.schema import validate_config
-from tests.conftest import FIXTURES, copy_run
+from tests.conftest import FIXTURES, copy_run, saved_tensors
 
 # The 12-step SFT model of the FAST settings never answers correctly, so on-policy
 # best-vs-worst pairs would all be ties: pair its samples with the correct answer instead.
@@ -32,14 +31,6 @@ PAIRS_FAST = [
     "data.pairs.heldout_fraction=0.2",
     "stage.logging_steps=1",  # the first log entry is step 1: rewards before any update
 ]
-
-
-def _weights(final: Path) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    for f in sorted(final.glob("*.safetensors")):
-        tensors.update(load_file(f))
-    assert tensors, f"no safetensors in {final}"
-    return tensors
 
 
 def _log_history(run_dir: Path) -> list[dict]:
@@ -83,7 +74,7 @@ def test_dpo_trains_against_the_sft_reference(compose_cfg, tmp_path, peft) -> No
     assert last["rewards/margins"] > 0, "DPO should separate chosen from rejected"
 
     # DPO changed the parameters it trains.
-    before, after = _weights(sft_dir / "final"), _weights(dpo_dir / "final")
+    before, after = saved_tensors(sft_dir / "final"), saved_tensors(dpo_dir / "final")
     assert before.keys() == after.keys(), "final/ holds the trained model/adapter only"
     trained = [k for k in before if "lora_" in k] if peft != "none" else list(before)
     assert trained

@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from safetensors.torch import load_file
 
 from data_recipes.rows import DataFormatError
 from stages import dpo, sft
@@ -36,7 +35,7 @@ from stages.core.handoff import (
     StaleStageError,
 )
 from stages.core.lifecycle import StageRun
-from tests.conftest import CONF_DIR, FAST, copy_run
+from tests.conftest import CONF_DIR, FAST, copy_run, saved_tensors
 
 DPO_FAST = [
     "stage=dpo",
@@ -49,14 +48,6 @@ DPO_FAST = [
 ]
 # Keys that measure wall time: they differ between any two runs, interrupted or not.
 TIMING = ("train/runtime_s",)
-
-
-def _weights(final: Path) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    for f in sorted(final.glob("*.safetensors")):
-        tensors.update(load_file(f))
-    assert tensors, f"no safetensors in {final}"
-    return tensors
 
 
 def _simulate_crash_before_done(run_dir: Path) -> None:
@@ -207,7 +198,7 @@ def test_truncated_trainer_state_resumes_from_the_previous_checkpoint(
     manifest = json.loads((run_dir / MANIFEST).read_text())
     assert manifest["resumed_from"].endswith("checkpoint-6")
 
-    expected, resumed = _weights(uninterrupted / "final"), _weights(run_dir / "final")
+    expected, resumed = saved_tensors(uninterrupted / "final"), saved_tensors(run_dir / "final")
     assert expected.keys() == resumed.keys()
     assert all(torch.equal(expected[k], resumed[k]) for k in expected)
     before = json.loads((uninterrupted / METRICS).read_text())
@@ -251,7 +242,7 @@ def test_failure_in_the_comparison_keeps_final_and_the_rerun_only_evaluates(
         dpo.run(compose_cfg(*DPO_FAST))
     assert (run_dir / "final" / "model.safetensors").is_file()
     assert (run_dir / FINAL_RECORD).is_file() and not (run_dir / DONE).exists()
-    saved = _weights(run_dir / "final")
+    saved = saved_tensors(run_dir / "final")
 
     class NoTraining:
         def __init__(self, *args, **kwargs) -> None:
@@ -264,7 +255,7 @@ def test_failure_in_the_comparison_keeps_final_and_the_rerun_only_evaluates(
     manifest = json.loads((run_dir / MANIFEST).read_text())
     assert manifest["final_reused"] is True
     assert "compare/policy_accuracy" in metrics and metrics["train/steps"] == 4
-    reloaded = _weights(run_dir / "final")
+    reloaded = saved_tensors(run_dir / "final")
     assert all(torch.equal(saved[k], reloaded[k]) for k in saved)
     # The child check passes on the result: the manifest's final/ hashes match the files.
     handoff.resolve_parent(tmp_path / "runs", "toy", "dpo", child="eval")

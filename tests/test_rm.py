@@ -17,7 +17,6 @@ import pytest
 import torch
 from datasets import Dataset
 from peft import AutoPeftModelForSequenceClassification
-from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from trl import RewardConfig, RewardTrainer
 
@@ -32,7 +31,7 @@ from stages.core.reward_scoring import (
 )
 from stages.core.runtime import resolve_precision
 from stages.core.schema import ConfigError, validate_config
-from tests.conftest import FIXTURES, copy_run
+from tests.conftest import FIXTURES, copy_run, saved_tensors
 
 HH_PAIRS = FIXTURES / "pref_hh_rlhf.jsonl"
 # Held-out share big enough that the 38 fixture pairs leave ~10 to score.
@@ -62,14 +61,6 @@ def rm_cfg(compose_cfg, sft_runs, tmp_path) -> Callable[..., object]:
 
 def _rm_dir(tmp_path: Path, experiment: str = "toy") -> Path:
     return tmp_path / "runs" / experiment / "rm"
-
-
-def _tensors(directory: Path) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    for path in sorted(directory.glob("*.safetensors")):
-        tensors.update(load_file(path))
-    assert tensors, f"no safetensors in {directory}"
-    return tensors
 
 
 def _score_head(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -134,11 +125,11 @@ def test_rm_trains_and_final_reloads_with_plain_libraries(rm_cfg, tmp_path, sft_
     assert metrics["eval/margin_p10"] <= metrics["eval/margin_p50"] <= metrics["eval/margin_p90"]
 
     # Parameters changed, and final/ holds the trained score head.
-    final = _tensors(run_dir / "final")
-    mid = _tensors(run_dir / "checkpoint-6")
+    final = saved_tensors(run_dir / "final")
+    mid = saved_tensors(run_dir / "checkpoint-6")
     assert not torch.equal(_score_head(final), _score_head(mid)), "the score head must train"
     if kind == "full":
-        parent = _tensors(sft_runs(peft) / "final")
+        parent = saved_tensors(sft_runs(peft) / "final")
         body = [k for k in final if k != "score.weight"]
         moved = [k for k in body if not torch.equal(final[k], parent[k])]
         assert len(moved) == len(body), "every full-weight tensor should move"
@@ -277,11 +268,11 @@ def test_head_learning_rate_is_separate_from_the_body(rm_cfg, tmp_path, sft_runs
     rm.run(
         rm_cfg("none", *FILE_PAIRS, "stage.learning_rate=1e-12", "stage.head_learning_rate=1e-2")
     )
-    final = _tensors(_rm_dir(tmp_path) / "final")
-    parent = _tensors(sft_runs("none") / "final")
+    final = saved_tensors(_rm_dir(tmp_path) / "final")
+    parent = saved_tensors(sft_runs("none") / "final")
     body_shift = max(float((final[k] - parent[k]).abs().max()) for k in final if k in parent)
     assert body_shift < 1e-6
-    head_shift = _score_head(final) - _score_head(_tensors(_rm_dir(tmp_path) / "checkpoint-6"))
+    head_shift = _score_head(final) - _score_head(saved_tensors(_rm_dir(tmp_path) / "checkpoint-6"))
     assert float(head_shift.abs().max()) > 1e-3
 
 
