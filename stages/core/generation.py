@@ -20,15 +20,13 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
+from stages.core.model_sources import CONTEXT_KEYS
 from stages.core.runtime import is_main_process
 
 log = logging.getLogger(__name__)
 
 Messages = list[dict[str, str]]
 
-# Config attributes that give a model's number of positions (GPT-2 style configs alias
-# max_position_embeddings to n_positions; the others cover configs without that alias).
-_CONTEXT_ATTRIBUTES = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length")
 _already_logged: set[tuple[object, ...]] = set()
 
 
@@ -40,7 +38,7 @@ def context_length(model: torch.nn.Module) -> int | None:
         return None
     if hasattr(config, "get_text_config"):
         config = config.get_text_config()
-    for name in _CONTEXT_ATTRIBUTES:
+    for name in CONTEXT_KEYS:
         value = getattr(config, name, None)
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return value

@@ -87,8 +87,9 @@ def check_model_source(name: str, revision: str | None) -> None:
         ) from None
 
 
-# Config keys that name a model's number of positions (GPT-2 style configs use n_positions).
-_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length")
+# Config keys that name a model's number of positions (GPT-2 style configs use n_positions);
+# also read from loaded configs by stages.core.generation.context_length.
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length")
 
 
 def check_training_length_fits(name: str, revision: str | None, max_length: int) -> None:
@@ -106,7 +107,7 @@ def check_training_length_fits(name: str, revision: str | None, max_length: int)
         return
     config = json.loads(config_file.read_text())
     config = config.get("text_config", config)  # multimodal configs nest the LM's
-    context = next((config[k] for k in _CONTEXT_KEYS if isinstance(config.get(k), int)), None)
+    context = next((config[k] for k in CONTEXT_KEYS if isinstance(config.get(k), int)), None)
     if context is not None and max_length > context:
         raise ConfigError(
             f"model.max_length={max_length} is longer than the {context} positions of "
