@@ -67,7 +67,11 @@ else
   $(error LAUNCH=$(LAUNCH): use LAUNCH=python (default) or LAUNCH=accelerate)
 endif
 
-.PHONY: setup sft rm ppo dpo eval sweep compare frontier test test-slow test-all soak soak-disk-full bench lint format clean
+# One target per stage: conf/stage/<name>.yaml, which tests/test_registry.py checks against
+# the stage registry (stages/registry.py). A new stage's YAML is all `make <name>` needs.
+STAGE_TARGETS := $(sort $(basename $(notdir $(wildcard conf/stage/*.yaml))))
+
+.PHONY: setup $(STAGE_TARGETS) sweep compare frontier test test-slow test-all soak soak-disk-full bench lint format clean
 
 setup: $(VENV)/.installed
 
@@ -78,7 +82,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
 	touch $@
 
-sft rm ppo dpo eval: $(VENV)/.installed
+$(STAGE_TARGETS): $(VENV)/.installed
 	$(WITH_ARGS) $(RUN) stage=$@ "experiment=$$ALIGNPIPE_EXP"
 
 # Sweeps run one job after another in this process (or as Slurm jobs with

@@ -19,7 +19,7 @@ from stages.cli_help import print_help, wants_help
 from stages.core.cli_errors import reported_user_errors
 from stages.core.console import quiet_console
 from stages.core.run_paths import check_command_line
-from stages.core.schema import register_configs
+from stages.registry import register_configs
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 

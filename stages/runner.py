@@ -8,21 +8,15 @@ from typing import Any
 from omegaconf import DictConfig
 
 from stages.core.schema import ConfigError
-
-STAGE_MODULES = {
-    "sft": "stages.sft",
-    "rm": "stages.rm",
-    "ppo": "stages.ppo.stage",
-    "dpo": "stages.dpo",
-    "eval": "stages.eval",
-}
+from stages.registry import STAGES, stage_spec
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run the stage named by ``cfg.stage.name`` and return its metrics."""
     name = cfg.stage.name
-    if name not in STAGE_MODULES:
-        raise ConfigError(f"stage.name={name!r} is not one of {sorted(STAGE_MODULES)}")
+    spec = stage_spec(name)
+    if spec is None:
+        raise ConfigError(f"stage.name={name!r} is not one of {[s.name for s in STAGES]}")
     if cfg.get("dry_run"):  # the plan only: no stage module (torch, trl) is even imported
         from stages.core.plan import DryRunBlocked, build_plan
 
@@ -31,5 +25,4 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if plan.blockers:
             raise DryRunBlocked("\n".join(plan.blockers))
         return {}
-    module = importlib.import_module(STAGE_MODULES[name])
-    return module.run(cfg)
+    return importlib.import_module(spec.recipe).run(cfg)

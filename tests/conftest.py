@@ -17,7 +17,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
-from stages.core.schema import register_configs
+from stages.registry import register_configs
 
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf"
@@ -73,7 +73,9 @@ def sft_runs(tmp_path_factory: pytest.TempPathFactory, builtin_models_dir: Path)
 
     def get(peft: str) -> Path:
         if peft not in done:
-            from stages import sft  # heavy (torch, trl): only for the tests that need it
+            from stages.sft import (
+                recipe as sft,  # heavy (torch, trl): only for the tests that need it
+            )
 
             overrides = [
                 f"paths.runs_root={root / peft}",
@@ -93,7 +95,7 @@ def sft_runs(tmp_path_factory: pytest.TempPathFactory, builtin_models_dir: Path)
 def default_sft(tmp_path_factory: pytest.TempPathFactory, builtin_models_dir: Path) -> Path:
     """The default `make sft` run (full config, tracking off), trained once per session for
     the slow end-to-end tests; they copy it to runs/toy/sft under their own tmp_path."""
-    from stages import sft  # heavy (torch, trl): only for the tests that need it
+    from stages.sft import recipe as sft  # heavy (torch, trl): only for the tests that need it
 
     root = tmp_path_factory.mktemp("default_sft")
     overrides = [

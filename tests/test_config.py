@@ -14,8 +14,9 @@ from omegaconf.errors import ConfigKeyError, ValidationError
 
 from stages.core.bounds import Bound
 from stages.core.handoff import stage_dir
-from stages.core.schema import STAGES, Config, ConfigError, validate_config
+from stages.core.schema import Config, ConfigError, validate_config
 from stages.ppo.config import PPO_BOUNDS
+from stages.registry import STAGES
 from tests.conftest import CONF_DIR, FIXTURES
 
 
@@ -24,7 +25,7 @@ def _options(group: str) -> list[str]:
 
 
 def test_every_stage_group_has_one_option_per_stage() -> None:
-    assert _options("stage") == sorted(STAGES)
+    assert _options("stage") == sorted(spec.name for spec in STAGES)
 
 
 @pytest.mark.parametrize(
@@ -149,8 +150,8 @@ def _schema_tree() -> list[tuple[type, str, str]]:
                 walk(inner[0], f"{prefix}{f.name}.", stage)
 
     walk(schema.Config, "", "sft")
-    for stage, cls in schema._STAGE_SCHEMAS.items():
-        walk(cls, "stage.", stage)
+    for spec in STAGES:
+        walk(spec.schema, "stage.", spec.name)
     return found
 
 
@@ -180,7 +181,7 @@ def test_every_schema_class_is_in_the_config_tree() -> None:
 
 
 def _bounds_of(cls: type) -> dict[str, Bound]:
-    from stages.core.schema import PPOStageConfig
+    from stages.ppo.config import PPOStageConfig
 
     bounds = dict(getattr(cls, "BOUNDS", {}))
     if issubclass(cls, PPOStageConfig):
@@ -189,7 +190,7 @@ def _bounds_of(cls: type) -> dict[str, Bound]:
 
 
 def test_every_numeric_knob_has_a_range() -> None:
-    from stages.core.schema import PPOStageConfig
+    from stages.ppo.config import PPOStageConfig
 
     unchecked = []
     for cls, prefix, _ in _schema_tree():
@@ -203,7 +204,7 @@ def test_every_numeric_knob_has_a_range() -> None:
 
 
 def _out_of_range_cases() -> list[tuple[str, str, object]]:
-    from stages.core.schema import PPOStageConfig
+    from stages.ppo.config import PPOStageConfig
 
     cases = []
     for cls, prefix, stage in _schema_tree():

@@ -309,7 +309,7 @@ def test_utf8_bom_is_still_accepted(tmp_path) -> None:
 
 
 def test_sft_stage_manifest_records_what_it_trained_on(compose_cfg, tmp_path) -> None:
-    from stages import sft
+    from stages.sft import recipe as sft
 
     cfg = compose_cfg("data=file", f"data.sft.path={SFT_FILE}", "stage.max_steps=2")
     sft.run(cfg)
@@ -321,7 +321,7 @@ def test_sft_stage_manifest_records_what_it_trained_on(compose_cfg, tmp_path) ->
 
 
 def test_rm_stage_with_every_pair_too_long_fails_before_training(compose_cfg, sft_runs, tmp_path):
-    from stages import rm
+    from stages.rm import recipe as rm
 
     shutil.copytree(sft_runs("none"), tmp_path / "runs" / "toy" / "sft")
     cfg = compose_cfg("stage=rm", "data.pairs.source=file", f"data.pairs.path={ALL_TOO_LONG}")
@@ -331,7 +331,7 @@ def test_rm_stage_with_every_pair_too_long_fails_before_training(compose_cfg, sf
 
 
 def test_dpo_stage_manifest_records_the_pairs_it_trained_on(compose_cfg, sft_runs, tmp_path):
-    from stages import dpo
+    from stages.dpo import recipe as dpo
 
     shutil.copytree(sft_runs("none"), tmp_path / "runs" / "toy" / "sft")
     cfg = compose_cfg(

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages import dpo, rm, sft
 from stages.core.handoff import (
     DONE,
     MANIFEST,
@@ -20,6 +19,9 @@ from stages.core.handoff import (
 from stages.core.reward_scoring import RewardScorer
 from stages.core.runtime import resolve_precision
 from stages.core.schema import validate_config
+from stages.dpo import recipe as dpo
+from stages.rm import recipe as rm
+from stages.sft import recipe as sft
 from tests.conftest import FIXTURES, copy_run, saved_tensors
 
 # The 12-step SFT model of the FAST settings never answers correctly, so on-policy

@@ -11,9 +11,9 @@ import json
 import pytest
 
 from data_recipes import toy
-from stages import dpo
 from stages.core.handoff import MANIFEST
 from stages.core.schema import ToyTaskConfig
+from stages.dpo import recipe as dpo
 from tests.conftest import copy_run
 from tests.plain_judge import plain_greedy_accuracy
 

@@ -12,10 +12,10 @@ import math
 import pytest
 
 from data_recipes import toy
-from stages import rm
 from stages.core.handoff import MANIFEST
 from stages.core.schema import ToyTaskConfig
-from stages.ppo import stage as ppo_stage
+from stages.ppo import recipe as ppo_stage
+from stages.rm import recipe as rm
 from tests.conftest import copy_run
 from tests.plain_judge import plain_greedy_accuracy
 

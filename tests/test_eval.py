@@ -17,8 +17,6 @@ from transformers import (
 )
 
 from data_recipes import toy
-from stages import dpo, sft
-from stages import eval as eval_stage
 from stages.core import generation
 from stages.core.comparison import (
     compare_with_parent,
@@ -33,6 +31,9 @@ from stages.core.models import load_tokenizer, resolve_base_model
 from stages.core.reward_scoring import RewardScorer
 from stages.core.schema import ModelConfig, PathsConfig, TinyModelSpec, ToyTaskConfig
 from stages.core.task_eval import toy_task_metrics
+from stages.dpo import recipe as dpo
+from stages.eval import recipe as eval_stage
+from stages.sft import recipe as sft
 
 from .test_dpo import PAIRS_FAST
 

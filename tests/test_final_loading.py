@@ -15,7 +15,7 @@ import torch
 from peft import AutoPeftModelForCausalLM
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from stages import sft
+from stages.sft import recipe as sft
 
 
 def independent_judge(prompt: str, reply: str) -> bool:

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from stages import sft
 from stages.core import handoff
 from stages.core.handoff import HandoffError, last_complete_checkpoint
 from stages.core.lifecycle import StageRun
+from stages.sft import recipe as sft
 
 
 def test_missing_parent_names_the_make_target(compose_cfg, tmp_path) -> None:

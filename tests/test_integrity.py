@@ -20,8 +20,6 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from data_recipes.rows import DataFormatError
-from stages import dpo, sft
-from stages import eval as eval_stage
 from stages.core import handoff
 from stages.core.handoff import (
     DONE,
@@ -35,6 +33,9 @@ from stages.core.handoff import (
     StaleStageError,
 )
 from stages.core.lifecycle import StageRun
+from stages.dpo import recipe as dpo
+from stages.eval import recipe as eval_stage
+from stages.sft import recipe as sft
 from tests.conftest import CONF_DIR, FAST, copy_run, saved_tensors
 
 DPO_FAST = [

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from stages import sft
 from stages.core.model_sources import (
     ModelSourceError,
     check_model_source,
@@ -19,6 +18,7 @@ from stages.core.model_sources import (
 )
 from stages.core.models import ChatTemplateError, resolve_base_model
 from stages.core.schema import ConfigError, validate_config
+from stages.sft import recipe as sft
 from tests.conftest import REPO
 
 MISSING_ID = "alignpipe-tests/no-such-model"

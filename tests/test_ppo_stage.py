@@ -2,7 +2,7 @@
 LoRA and QLoRA (one shared 4-bit base).
 
 Each test copies a short SFT run and trains a short RM on it (pairs from a small HH-RLHF
-fixture file, so no sampling is needed), then runs `stages.ppo.stage.run`. It checks what a
+fixture file, so no sampling is needed), then runs `stages.ppo.recipe.run`. It checks what a
 user relies on: DONE + manifest, the policy's weights moved away from the SFT weights, the
 SFT output (the reference) is untouched, final/ reloads with plain transformers / peft and
 regenerates the recorded eval replies, and bad wiring fails before any training.
@@ -21,10 +21,10 @@ from peft import AutoPeftModelForCausalLM
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from stages import rm
 from stages.core.handoff import DONE, MANIFEST, HandoffError, file_sha256
 from stages.core.schema import ConfigError
-from stages.ppo import stage as ppo_stage
+from stages.ppo import recipe as ppo_stage
+from stages.rm import recipe as rm
 from tests.conftest import FIXTURES
 
 RM_PAIRS = [

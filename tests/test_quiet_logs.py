@@ -97,7 +97,7 @@ def test_third_party_noise_is_dropped_by_logger_and_message_only(quiet, caplog) 
 def test_noisy_warnings_are_ignored_only_from_their_module(quiet) -> None:
     noisy = NOISY_WARNINGS[0]
     with warnings.catch_warnings(record=True) as seen:
-        for module in (noisy.module, "stages.sft"):
+        for module in (noisy.module, "stages.sft.recipe"):
             warnings.warn_explicit(
                 noisy.message_start + " and will be removed in v6.",
                 noisy.category,

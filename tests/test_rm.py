@@ -20,7 +20,6 @@ from peft import AutoPeftModelForSequenceClassification
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from trl import RewardConfig, RewardTrainer
 
-from stages import rm
 from stages.core.handoff import DONE, MANIFEST, METRICS, HandoffError, resolve_parent
 from stages.core.models import load_tokenizer, resolve_base_model
 from stages.core.reward_scoring import (
@@ -31,6 +30,7 @@ from stages.core.reward_scoring import (
 )
 from stages.core.runtime import resolve_precision
 from stages.core.schema import ConfigError, validate_config
+from stages.rm import recipe as rm
 from tests.conftest import FIXTURES, copy_run, saved_tensors
 
 HH_PAIRS = FIXTURES / "pref_hh_rlhf.jsonl"

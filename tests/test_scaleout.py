@@ -230,7 +230,7 @@ def test_ppo_under_accelerate_with_two_cpu_processes(
 ) -> None:
     """Our PPO trainer under `accelerate launch` (DDP over gloo): each rank samples half of
     every rollout, one run dir, one manifest, one W&B run with every update's metrics."""
-    from stages import rm
+    from stages.rm import recipe as rm
 
     runs = tmp_path / "runs"
     shutil.copytree(sft_runs("none"), runs / "toy" / "sft")

@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from stages import sft
 from stages.core.handoff import DONE, MANIFEST, METRICS
+from stages.sft import recipe as sft
 
 
 def _run_dir(tmp_path: Path, experiment: str = "toy") -> Path:

@@ -272,7 +272,7 @@ def test_two_job_multirun_gets_two_run_dirs_manifests_and_wandb_runs(
 def test_optuna_sweep_runs_three_trials_on_a_stage_metric(
     compose_cfg, tmp_path: Path, builtin_models_dir: Path
 ) -> None:
-    from stages import sft
+    from stages.sft import recipe as sft
 
     sft.run(compose_cfg())  # the shared parent, with the same FAST settings as the trials
     runs = tmp_path / "runs"

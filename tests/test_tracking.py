@@ -12,9 +12,9 @@ from urllib.parse import urlparse
 
 import pytest
 
-from stages import sft
 from stages.core.schema import TrackingConfig
 from stages.core.tracking import StageTracker, wandb_mode
+from stages.sft import recipe as sft
 from tests.conftest import FAST, REPO
 from tests.wandb_readback import offline_runs, read_offline_run
 

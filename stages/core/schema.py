@@ -18,15 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from stages.core.bounds import SEED, Bound, at_least, out_of_bounds, positive, unit_interval
-from stages.core.run_paths import register_resolvers, run_path_problems
-from stages.ppo.config import PPOHyperparams
+from stages.core.run_paths import run_path_problems
+from stages.core.stage_spec import stage_names, stage_spec
 
-STAGES = ("sft", "rm", "ppo", "dpo", "eval")
 PEFT_KINDS = ("none", "lora", "qlora")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -57,25 +55,25 @@ def collect_problems() -> Iterator[list[str]]:
         _collected.reset(token)
 
 
-def _problem(message: str) -> None:
+def report_problem(message: str) -> None:
     sink = _collected.get()
     if sink is None:  # a schema built directly in code: fail at once
         raise ConfigError(message)
     sink.append(message)
 
 
-def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> bool:
+def check_choice(key: str, value: Any, allowed: tuple[str, ...]) -> bool:
     if value not in allowed:
-        _problem(f"{key}={value!r} is not one of {list(allowed)}")
+        report_problem(f"{key}={value!r} is not one of {list(allowed)}")
         return False
     return True
 
 
-def _check_bounds(node: Any, prefix: str, bounds: dict[str, Bound]) -> bool:
+def check_bounds(node: Any, prefix: str, bounds: dict[str, Bound]) -> bool:
     """Range-check every numeric knob of ``node``; False when any is out of range."""
     problems = out_of_bounds(prefix, {name: getattr(node, name) for name in bounds}, bounds)
     for problem in problems:
-        _problem(problem)
+        report_problem(problem)
     return not problems
 
 
@@ -104,8 +102,8 @@ class TinyModelSpec:
     }
 
     def __post_init__(self) -> None:
-        if _check_bounds(self, self.PREFIX, self.BOUNDS) and self.hidden_size % self.num_heads:
-            _problem(
+        if check_bounds(self, self.PREFIX, self.BOUNDS) and self.hidden_size % self.num_heads:
+            report_problem(
                 f"model.tiny.hidden_size={self.hidden_size} must be divisible by "
                 f"model.tiny.num_heads={self.num_heads}"
             )
@@ -148,11 +146,11 @@ class ModelConfig:
     def __post_init__(self) -> None:
         builtin = self.name_or_path.startswith("builtin:")
         if builtin and self.tiny is None:
-            _problem(f"model.name_or_path={self.name_or_path!r} needs a model.tiny spec")
-        if not _check_bounds(self, self.PREFIX, self.BOUNDS):
+            report_problem(f"model.name_or_path={self.name_or_path!r} needs a model.tiny spec")
+        if not check_bounds(self, self.PREFIX, self.BOUNDS):
             return
         if self.max_prompt_length >= self.max_length:
-            _problem(
+            report_problem(
                 f"model.max_prompt_length={self.max_prompt_length} must be < "
                 f"model.max_length={self.max_length} (training rows hold prompt + reply)"
             )
@@ -161,7 +159,7 @@ class ModelConfig:
             and self.tiny is not None
             and self.max_length > self.tiny.max_position_embeddings
         ):
-            _problem(
+            report_problem(
                 f"model.max_length={self.max_length} must be <= "
                 f"model.tiny.max_position_embeddings={self.tiny.max_position_embeddings}"
             )
@@ -189,10 +187,10 @@ class PeftConfig:
     BOUNDS = {"r": at_least(1), "alpha": positive(), "dropout": unit_interval(high_inclusive=False)}
 
     def __post_init__(self) -> None:
-        _choice("peft.kind", self.kind, PEFT_KINDS)
-        _choice("peft.bnb_4bit_quant_type", self.bnb_4bit_quant_type, ("nf4", "fp4"))
-        _choice("peft.bnb_4bit_compute_dtype", self.bnb_4bit_compute_dtype, PRECISIONS)
-        _check_bounds(self, self.PREFIX, self.BOUNDS)
+        check_choice("peft.kind", self.kind, PEFT_KINDS)
+        check_choice("peft.bnb_4bit_quant_type", self.bnb_4bit_quant_type, ("nf4", "fp4"))
+        check_choice("peft.bnb_4bit_compute_dtype", self.bnb_4bit_compute_dtype, PRECISIONS)
+        check_bounds(self, self.PREFIX, self.BOUNDS)
 
 
 # ------------------------------------------------------------------------------ data
@@ -234,19 +232,19 @@ class ToyTaskConfig:
     }
 
     def __post_init__(self) -> None:
-        if not _check_bounds(self, self.PREFIX, self.BOUNDS):
+        if not check_bounds(self, self.PREFIX, self.BOUNDS):
             return
         for prefix in ("", "hard_"):
             fracs = [
                 getattr(self, f"{prefix}frac_{k}") for k in ("correct", "evasive", "near_miss")
             ]
             if abs(sum(fracs) - 1.0) > 1e-6:
-                _problem(
+                report_problem(
                     f"data.toy.{prefix}frac_correct + {prefix}frac_evasive + "
                     f"{prefix}frac_near_miss must sum to 1, got {sum(fracs):.4f}"
                 )
         if self.train_seed == self.eval_seed:
-            _problem("data.toy.train_seed and data.toy.eval_seed must differ")
+            report_problem("data.toy.train_seed and data.toy.eval_seed must differ")
 
 
 @dataclass
@@ -259,7 +257,7 @@ class SFTDataConfig:
 
     def __post_init__(self) -> None:
         # Whether a file is needed (and exists) depends on the stage: Config.__post_init__.
-        _choice("data.sft.source", self.source, ("toy", "file"))
+        check_choice("data.sft.source", self.source, ("toy", "file"))
 
 
 @dataclass
@@ -296,14 +294,14 @@ class PairsConfig:
 
     def __post_init__(self) -> None:
         # Whether a file is needed (and exists) depends on the stage: Config.__post_init__.
-        _choice("data.pairs.source", self.source, ("on_policy", "file"))
-        _choice("data.pairs.judge", self.judge, ("toy", "reward_model"))
-        _choice(
+        check_choice("data.pairs.source", self.source, ("on_policy", "file"))
+        check_choice("data.pairs.judge", self.judge, ("toy", "reward_model"))
+        check_choice(
             "data.pairs.strategy",
             self.strategy,
             ("best_vs_worst", "best_vs_random", "ground_truth_vs_sample"),
         )
-        _check_bounds(self, self.PREFIX, self.BOUNDS)
+        check_bounds(self, self.PREFIX, self.BOUNDS)
 
 
 @dataclass
@@ -321,7 +319,7 @@ class DataConfig:
     BOUNDS = {"max_dropped_fraction": unit_interval()}
 
     def __post_init__(self) -> None:
-        _check_bounds(self, self.PREFIX, self.BOUNDS)
+        check_bounds(self, self.PREFIX, self.BOUNDS)
 
 
 # ---------------------------------------------------------------------------- stages
@@ -331,7 +329,7 @@ class DataConfig:
 class StageConfig:
     """Knobs shared by every stage. Trainer knobs map onto TRL/transformers arguments."""
 
-    name: str = MISSING  # sft | rm | ppo | dpo | eval
+    name: str = MISSING  # the stage (stages/registry.py lists them)
     parent: str | None = None  # stage whose output this one starts from (None = base model)
     # What to do with a parent LoRA adapter: continue training it, or merge it into the base
     # and start a fresh adapter. DPO continues (the frozen copy is the reference).
@@ -368,9 +366,8 @@ class StageConfig:
     }
 
     def __post_init__(self) -> None:
-        _choice("stage.name", self.name, STAGES)
-        _choice("stage.parent_adapter", self.parent_adapter, ("continue", "merge"))
-        _check_bounds(self, self.PREFIX, self.BOUNDS)
+        check_choice("stage.parent_adapter", self.parent_adapter, ("continue", "merge"))
+        check_bounds(self, self.PREFIX, self.BOUNDS)
         if (
             self.logging_steps >= 1
             and self.save_steps >= 1
@@ -379,119 +376,11 @@ class StageConfig:
             # The trainer logs the mean loss since its last log; steps between the last log and
             # a checkpoint are never logged, so a resume from it could not reproduce the metrics.
             fit = -(-self.save_steps // self.logging_steps) * self.logging_steps
-            _problem(
+            report_problem(
                 f"stage.save_steps={self.save_steps} must be a multiple of "
                 f"stage.logging_steps={self.logging_steps}, so that a resumed run reports the "
                 f"same training metrics as an uninterrupted one: e.g. stage.save_steps={fit}"
             )
-
-
-@dataclass
-class SFTStageConfig(StageConfig):
-    name: str = "sft"
-    learning_rate: float = 3e-3
-    max_steps: int = 800
-    per_device_batch_size: int = 64
-    assistant_only_loss: bool = True  # loss on assistant tokens only (needs {% generation %})
-    packing: bool = False  # pack short rows into max_length blocks: faster, cross-row attention
-
-
-@dataclass
-class DPOStageConfig(StageConfig):
-    name: str = "dpo"
-    parent: str | None = "sft"
-    learning_rate: float = 2e-4
-    max_steps: int = 600
-    beta: float = 0.1  # KL strength: lower lets the policy drift further from the reference
-    # sigmoid (DPO), ipo, hinge, robust, ... (any TRL loss_type); ipo wants a smaller beta.
-    loss_type: str = "sigmoid"
-    label_smoothing: float = 0.0  # conservative DPO: assumed share of flipped labels
-    precompute_ref_log_probs: bool = False  # one ref pass up front: saves memory, costs a pass
-    sft_weight: float = 0.0  # + weight * NLL of the chosen replies (RPO); 0 = plain DPO
-
-    BOUNDS = {
-        **StageConfig.BOUNDS,
-        "beta": positive(),
-        "label_smoothing": Bound(low=0, high=0.5, high_inclusive=False),  # 0.5 = coin flips
-        "sft_weight": at_least(0),
-    }
-
-
-@dataclass
-class RMStageConfig(StageConfig):
-    name: str = "rm"
-    parent: str | None = "sft"
-    # continue: a SEQ_CLS adapter initialised from the SFT adapter, on the same base (PPO then
-    # shares one 4-bit base); merge: SFT merged into the base, fresh SEQ_CLS adapter.
-    parent_adapter: str = "continue"
-    learning_rate: float = 1e-3
-    max_steps: int = 300
-    center_rewards_coefficient: float | None = None  # pull mean reward to 0 (0.01 in the paper)
-    use_margin: bool = False  # use a `margin` column in the loss when the data has one
-    head_learning_rate: float | None = None  # LR of the new score head; None = learning_rate
-
-    BOUNDS = {
-        **StageConfig.BOUNDS,
-        "center_rewards_coefficient": at_least(0, nullable=True),
-        "head_learning_rate": positive(nullable=True),
-    }
-
-
-@dataclass
-class PPOStageConfig(PPOHyperparams, StageConfig):
-    """PPO knobs (rollout, KL, GAE, clipping, optimiser: ``stages.ppo.config.PPOHyperparams``,
-    each documented there) plus how the stage wires its four roles."""
-
-    name: str = "ppo"
-    parent: str | None = "sft"
-    # LoRA: the policy continues the SFT adapter (reference = a frozen copy); merge = SFT merged
-    # into the base, fresh policy adapter, reference = adapters off. QLoRA with share_base
-    # always merges: the RM adapter sits on the merged SFT weights and all roles share them.
-    parent_adapter: str = "continue"
-    # Trainer knobs that PPO counts differently; setting one fails, naming its PPO twin.
-    max_steps: int | None = None  # not a PPO knob: PPO counts updates (stage.total_updates)
-    per_device_batch_size: int | None = None  # not a PPO knob: stage.rollout_batch_size
-    warmup_ratio: float | None = None  # not a PPO knob: stage.warmup_steps (in updates)
-    reward_stage: str = "rm"  # stage whose reward model scores rollouts
-    value_from: str = "reward"  # init the value model from the reward model (or "policy")
-    share_base: bool = True  # with qlora: one 4-bit base for all four roles
-    num_prompts: int = 4096  # distinct training prompts (toy train pool or the pairs file)
-    seed: int | None = None  # PPO's own seed (prompt order, sampling); None = the run's seed
-
-    # PPO's own knobs are range-checked by PPOHyperparams.ppo_problems (PPO_BOUNDS).
-    BOUNDS = {"num_prompts": at_least(1), "num_eval_samples_logged": at_least(0)}
-    # Trainer knobs PPO counts differently: any value fails, naming the PPO twin.
-    NOT_PPO_KNOBS = {
-        "max_steps": "total_updates",
-        "per_device_batch_size": "rollout_batch_size",
-        "warmup_ratio": "warmup_steps",
-    }
-
-    def __post_init__(self) -> None:
-        _choice("stage.name", self.name, STAGES)
-        _choice("stage.parent_adapter", self.parent_adapter, ("continue", "merge"))
-        _choice("stage.value_from", self.value_from, ("reward", "policy"))
-        _check_bounds(self, self.PREFIX, self.BOUNDS)
-        for key, twin in self.NOT_PPO_KNOBS.items():
-            if getattr(self, key) is not None:
-                _problem(f"stage.{key} is not a PPO knob: set stage.{twin} instead")
-        if self.trainer_overrides:
-            _problem(
-                "stage.trainer_overrides does not apply to PPO (our own trainer, not a TRL "
-                "one): set the PPO knobs directly, e.g. stage.kl_coef=0.1"
-            )
-        for problem in self.ppo_problems():
-            _problem(problem)
-
-
-@dataclass
-class EvalStageConfig(StageConfig):
-    name: str = "eval"
-    target: str = "dpo"  # stage to evaluate; it is compared with its own parent
-    num_kl_samples: int = 64  # policy samples used to estimate KL(policy || parent)
-    temperature: float = 1.0  # sampling temperature for the KL estimate
-
-    BOUNDS = {**StageConfig.BOUNDS, "num_kl_samples": at_least(1), "temperature": positive()}
 
 
 # ------------------------------------------------------------------- tracking, paths
@@ -509,9 +398,9 @@ class TrackingConfig:
     tags: list[str] = field(default_factory=list)  # extra tags (sweeps add their overrides)
 
     def __post_init__(self) -> None:
-        _choice("tracking.backend", self.backend, ("wandb", "none"))
+        check_choice("tracking.backend", self.backend, ("wandb", "none"))
         if self.mode is not None:
-            _choice("tracking.mode", self.mode, ("online", "offline", "disabled"))
+            check_choice("tracking.mode", self.mode, ("online", "offline", "disabled"))
 
 
 @dataclass
@@ -553,35 +442,38 @@ class Config:
     BOUNDS = {"seed": SEED}
 
     def __post_init__(self) -> None:
-        _choice("precision", self.precision, PRECISIONS)
-        _check_bounds(self, self.PREFIX, self.BOUNDS)
+        check_choice("precision", self.precision, PRECISIONS)
+        check_bounds(self, self.PREFIX, self.BOUNDS)
         for problem in run_path_problems(self.experiment_name, self.paths.variant, self.stage):
-            _problem(problem)
+            report_problem(problem)
         stage = self.stage
-        if stage.parent is not None and stage.parent not in STAGES:
-            _problem(f"stage.parent={stage.parent!r} is not one of {list(STAGES)}")
-        if isinstance(stage, (DPOStageConfig, RMStageConfig, PPOStageConfig)) and (
-            stage.parent is None
-        ):
-            _problem(f"stage {stage.name} needs a parent stage (stage.parent=sft)")
+        spec = stage_spec(stage.name)
+        if spec is None or not isinstance(stage, spec.schema):
+            report_problem(f"stage.name={stage.name!r} is not one of {stage_names()}")
+            return
+        if stage.parent is not None and stage_spec(stage.parent) is None:
+            report_problem(f"stage.parent={stage.parent!r} is not one of {stage_names()}")
+        if spec.parent == "policy" and stage.parent is None:
+            report_problem(f"stage {stage.name} needs a parent stage (stage.parent=sft)")
         for key, path in data_files_needed(self):
             _check_data_file(key, path)
         if "fp16" in (self.precision, self.peft.bnb_4bit_compute_dtype) and not _has_cuda():
             key = "precision" if self.precision == "fp16" else "peft.bnb_4bit_compute_dtype"
-            _problem(
+            report_problem(
                 f"{key}=fp16 needs a CUDA GPU and none is visible: use {key}=auto "
                 "(fp32 on CPU; 4-bit matmuls in bf16) or bf16"
             )
 
 
 def data_files_needed(cfg: Config) -> list[tuple[str, str | None]]:
-    """(key, path) of each data file the stage reads: SFT its demonstrations, DPO / RM their
-    pairs, PPO its prompts (from the pairs file), eval nothing but its target's own files."""
-    data, stage = cfg.data, cfg.stage.name
+    """(key, path) of each data file the stage reads, from its spec's ``reads``: SFT its
+    demonstrations, DPO / RM / PPO their pairs (PPO: prompts), eval nothing of its own."""
+    data, spec = cfg.data, stage_spec(cfg.stage.name)
+    reads = spec.reads if spec is not None else ()
     needed: list[tuple[str, str | None]] = []
-    if stage == "sft" and data.sft.source == "file":
+    if "sft" in reads and data.sft.source == "file":
         needed.append(("data.sft.path", data.sft.path))
-    if stage in ("rm", "dpo", "ppo") and data.pairs.source == "file":
+    if ("pairs" in reads or "prompts" in reads) and data.pairs.source == "file":
         needed.append(("data.pairs.path", data.pairs.path))
     return needed
 
@@ -589,10 +481,10 @@ def data_files_needed(cfg: Config) -> list[tuple[str, str | None]]:
 def _check_data_file(key: str, path: str | None) -> None:
     source = key.replace(".path", ".source")
     if not path:
-        _problem(f"{source}=file needs {key}=<your file (.jsonl, .json or .parquet)>")
+        report_problem(f"{source}=file needs {key}=<your file (.jsonl, .json or .parquet)>")
     elif not Path(path).is_file():
         where = Path(path) if Path(path).is_absolute() else Path(os.getcwd()) / path
-        _problem(
+        report_problem(
             f"{key}={path!r}: no such file ({where}). Point {key} at an existing JSONL / JSON "
             "/ Parquet file (relative paths are from the directory you run in)"
         )
@@ -602,29 +494,6 @@ def _has_cuda() -> bool:
     import torch  # only when fp16 was asked for: most runs validate without torch
 
     return torch.cuda.is_available()
-
-
-_STAGE_SCHEMAS = {
-    "sft": SFTStageConfig,
-    "dpo": DPOStageConfig,
-    "rm": RMStageConfig,
-    "ppo": PPOStageConfig,
-    "eval": EvalStageConfig,
-}
-
-
-def register_configs() -> None:
-    """Register every schema so YAML options can name them in their defaults lists."""
-    register_resolvers()  # ${run_path:...} in conf/config.yaml's hydra.sweep.dir
-    cs = ConfigStore.instance()
-    cs.store(name="config_schema", node=Config)
-    for name, schema in _STAGE_SCHEMAS.items():
-        cs.store(group="stage", name=f"{name}_schema", node=schema)
-    cs.store(group="model", name="model_schema", node=ModelConfig)
-    cs.store(group="peft", name="peft_schema", node=PeftConfig)
-    cs.store(group="data", name="data_schema", node=DataConfig)
-    cs.store(group="tracking", name="tracking_schema", node=TrackingConfig)
-    cs.store(group="paths", name="paths_schema", node=PathsConfig)
 
 
 def validate_config(cfg: DictConfig) -> Config:

@@ -28,6 +28,7 @@ from stages.core.bounds import (
     positive,
     unit_interval,
 )
+from stages.core.schema import StageConfig, check_bounds, check_choice, report_problem
 
 KL_ESTIMATORS = ("k1", "k3")
 LR_SCHEDULERS = ("linear", "constant", "cosine")
@@ -282,3 +283,52 @@ PPO_BOUNDS: dict[str, Bound] = {
     "save_steps": at_least(0),
     "save_total_limit": at_least(1, nullable=True),
 }
+
+
+# ----------------------------------------------------------------- the Hydra stage schema
+
+
+@dataclass
+class PPOStageConfig(PPOHyperparams, StageConfig):
+    """PPO knobs (rollout, KL, GAE, clipping, optimiser: ``stages.ppo.config.PPOHyperparams``,
+    each documented there) plus how the stage wires its four roles."""
+
+    name: str = "ppo"
+    parent: str | None = "sft"
+    # LoRA: the policy continues the SFT adapter (reference = a frozen copy); merge = SFT merged
+    # into the base, fresh policy adapter, reference = adapters off. QLoRA with share_base
+    # always merges: the RM adapter sits on the merged SFT weights and all roles share them.
+    parent_adapter: str = "continue"
+    # Trainer knobs that PPO counts differently; setting one fails, naming its PPO twin.
+    max_steps: int | None = None  # not a PPO knob: PPO counts updates (stage.total_updates)
+    per_device_batch_size: int | None = None  # not a PPO knob: stage.rollout_batch_size
+    warmup_ratio: float | None = None  # not a PPO knob: stage.warmup_steps (in updates)
+    reward_stage: str = "rm"  # stage whose reward model scores rollouts
+    value_from: str = "reward"  # init the value model from the reward model (or "policy")
+    share_base: bool = True  # with qlora: one 4-bit base for all four roles
+    num_prompts: int = 4096  # distinct training prompts (toy train pool or the pairs file)
+    seed: int | None = None  # PPO's own seed (prompt order, sampling); None = the run's seed
+
+    # PPO's own knobs are range-checked by PPOHyperparams.ppo_problems (PPO_BOUNDS).
+    BOUNDS = {"num_prompts": at_least(1), "num_eval_samples_logged": at_least(0)}
+    # Trainer knobs PPO counts differently: any value fails, naming the PPO twin.
+    NOT_PPO_KNOBS = {
+        "max_steps": "total_updates",
+        "per_device_batch_size": "rollout_batch_size",
+        "warmup_ratio": "warmup_steps",
+    }
+
+    def __post_init__(self) -> None:
+        check_choice("stage.parent_adapter", self.parent_adapter, ("continue", "merge"))
+        check_choice("stage.value_from", self.value_from, ("reward", "policy"))
+        check_bounds(self, self.PREFIX, self.BOUNDS)
+        for key, twin in self.NOT_PPO_KNOBS.items():
+            if getattr(self, key) is not None:
+                report_problem(f"stage.{key} is not a PPO knob: set stage.{twin} instead")
+        if self.trainer_overrides:
+            report_problem(
+                "stage.trainer_overrides does not apply to PPO (our own trainer, not a TRL "
+                "one): set the PPO knobs directly, e.g. stage.kl_coef=0.1"
+            )
+        for problem in self.ppo_problems():
+            report_problem(problem)

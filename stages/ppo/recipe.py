@@ -59,8 +59,8 @@ from stages.core.models import save_final as save_model
 from stages.core.reward_scoring import load_reward_model
 from stages.core.reward_scoring import resolve_reward_stage as reward_stage_of
 from stages.core.runtime import is_main_process, use_cpu
-from stages.core.schema import Config, ConfigError, PPOStageConfig
-from stages.ppo.config import PPOHyperparams
+from stages.core.schema import Config, ConfigError
+from stages.ppo.config import PPOHyperparams, PPOStageConfig
 from stages.ppo.roles import PPORoles, SeparateRoles, SharedBaseRoles
 from stages.ppo.trainer import PPOTrainer
 

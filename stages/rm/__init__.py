@@ -1,0 +1,1 @@
+"""Reward-model stage: config schema (``config``) and recipe (``recipe``, imported only to run)."""

@@ -1,0 +1,1 @@
+"""SFT stage: config schema (``config``) and recipe (``recipe``, imported only to run)."""
