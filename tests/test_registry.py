@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import subprocess
 import sys
+from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
 
@@ -34,7 +35,7 @@ def test_every_recipe_module_exists_and_defines_run() -> None:
     for spec in STAGES:
         found = importlib.util.find_spec(spec.recipe)
         assert found is not None and found.origin, spec.recipe
-        source = open(found.origin).read()
+        source = Path(found.origin).read_text()
         assert "\ndef run(cfg: DictConfig) -> dict[str, Any]:" in source, spec.recipe
 
 
