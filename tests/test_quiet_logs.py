@@ -105,7 +105,7 @@ def test_noisy_warnings_are_ignored_only_from_their_module(quiet) -> None:
                 lineno=1,
                 module=module,
             )
-    assert [w.filename for w in seen] == ["stages/sft.py"]
+    assert [w.filename for w in seen] == ["stages/sft/recipe.py"]
 
 
 def test_reward_head_on_a_causal_lm_loads_without_a_missing_keys_report(
