@@ -2,15 +2,16 @@
 #
 #   make sft dpo                 SFT, then DPO, on the embedded default (EXP=toy)
 #   make sft rm ppo              SFT, reward model, PPO
+#   make sft kto                 SFT, then KTO (replies labelled desirable / undesirable)
 #   make eval                    compare a stage with its parent (ARGS="stage.target=ppo")
 #   make sft dpo EXP=toy_qlora   another experiment bundle from conf/experiment/
 #   make dpo ARGS="stage.beta=0.05 force=true"
 #   make test                    the test suite (fast tier); make test-all adds end-to-end runs
 #   make soak SOAK_CYCLES=20     kill -9 / rerun `make sft dpo`, compare with an uninterrupted run
 #
-#   make sweep SWEEP=dpo_beta    a named Hydra multirun from conf/sweep/ (dpo_beta, ppo_kl, dpo_optuna)
+#   make sweep SWEEP=dpo_beta    a named Hydra multirun from conf/sweep/ (dpo_beta, ppo_kl, kto_beta, dpo_optuna)
 #   make compare                 table + PNGs of every finished run of EXP (runs/$(EXP)/_compare/)
-#   make frontier                DPO-beta + PPO-kl_coef sweeps -> runs/$(EXP)/_frontier/frontier.png + .md
+#   make frontier                DPO-beta, PPO-kl_coef, KTO-beta sweeps -> runs/$(EXP)/_frontier/frontier.png + .md
 #                                (ARGS="--out docs" regenerates the committed docs/frontier.*)
 #
 # Scale-out: LAUNCH=accelerate ACC=ddp|fsdp|zero2|zero3|single NPROC=8 runs the same stage

@@ -1,6 +1,6 @@
 """Side-by-side PPO update time: our ``stages.ppo`` vs trl 1.12.0's ``trl.experimental.ppo``.
 
-Yardstick (docs/../shared/DESIGN.md): random-init Llama (hidden 64, 2 layers, vocab 64),
+Yardstick (docs/contracts.md): random-init Llama (hidden 64, 2 layers, vocab 64),
 8 prompts per update, 4 PPO epochs, 1 minibatch, response length 32, stop at EOS,
 missing-EOS penalty 1.0, fp32, 2 torch threads. Both implementations get identical models
 (same seeds), prompts and hyper-parameters, each in its own subprocess: ours in this

@@ -1,20 +1,20 @@
-"""Paired comparisons for the preference stages (DPO, reward model), pure and seeded.
+"""Paired comparisons for the preference stages (DPO, reward model): the pure, seeded parts.
 
 Owns:
 
-- the **judge** interface (`Judge`: a named callable scoring `(prompt messages, reply)`), the
-  toy rule judge, and `resolve_judge`; the reward-model judge is built by the stages from a
-  finished RM (`stages.core.stage_pairs`);
-- **on-policy pairs** (`generate_pairs`): sample N replies per prompt from a policy checkpoint
-  (KV-cached batched generation, seeded, temperature from `data.pairs`), score each with the
-  judge, and pair them by strategy: `best_vs_worst` (default), `best_vs_random`, or
-  `ground_truth_vs_sample` (SPIN-like: chosen is the demonstration's correct answer);
-- the **filters** (`build_pairs`): minimum score margin, ties, identical texts, optional
-  length-bias control, decontamination against held-out eval prompts, dedupe;
+- the **judge** interface (`Judge`: a named callable scoring `(prompt messages, reply)`) and
+  the toy rule judge; judges that need a checkpoint (this experiment's reward model) and the
+  task's judge are built on the stage side (`stages.core.on_policy_pairs`,
+  `stages.core.task`);
+- the **pairing** of scored samples (`build_pairs`) by strategy: `best_vs_worst` (default),
+  `best_vs_random`, or `ground_truth_vs_sample` (SPIN-like: chosen is a reference reply),
+  with the filters: minimum score margin, ties, identical texts, optional length-bias
+  control, decontamination against held-out eval prompts, dedupe;
 - the **held-out split by prompt** (`split_heldout`) and **file-sourced pairs**
   (`file_pairs`), which share the split and decontamination with on-policy pairs;
-- the **cache** of a generated set under the stage's run dir, keyed by a hash of every input
-  (policy manifest sha256, pairs/toy/generation config, judge, seed), so a re-run reuses it.
+- `PairSet` (train / held-out rows + what the manifest records) and the cache key of a
+  generated set (`cache_key`). Sampling, judging and caching on-policy pairs is stage code:
+  `stages.core.on_policy_pairs`.
 
 Rows are TRL conversational preference rows: ``prompt`` = [user message], ``chosen`` /
 ``rejected`` = [assistant message], plus the float judge ``margin`` (RewardTrainer can use it;
@@ -28,11 +28,9 @@ import hashlib
 import json
 import logging
 import random
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from data_recipes import toy
 from data_recipes.accounting import RowAccount
@@ -41,11 +39,10 @@ from data_recipes.preference_formats import (
     dedupe_preference_rows,
     load_preference_file,
 )
-from stages.core.schema import ConfigError, ModelConfig, PairsConfig, ToyTaskConfig
+from data_recipes.prompts import prompt_key
+from data_recipes.toy import ToyTaskConfig
 
-if TYPE_CHECKING:
-    import torch
-    from transformers import PreTrainedTokenizerBase
+__all__ = ["prompt_key"]  # re-exported: pairs and prompts compare prompts the same way
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +51,6 @@ Row = dict[str, Any]
 
 # Bump when the pairing algorithm changes, so stale cached sets are not reused.
 PAIRS_VERSION = 1
-STATS_FILE = "stats.json"
-TRAIN_FILE = "train.jsonl"
-HELDOUT_FILE = "heldout.jsonl"
 STRATEGIES = ("best_vs_worst", "best_vs_random", "ground_truth_vs_sample")
 DROP_REASONS = ("ties", "identical", "margin", "length", "contaminated", "duplicates")
 # The same reasons in the words of `data_recipes.accounting.DROP_REASONS`.
@@ -112,33 +106,7 @@ def toy_judge() -> Judge:
     return Judge(name="toy", score=lambda prompt, reply: toy.judge(_toy_problem(prompt), reply))
 
 
-def resolve_judge(name: str) -> Judge:
-    """The judge named by ``data.pairs.judge`` that needs no checkpoint.
-
-    ``reward_model`` needs a finished RM stage: the training stages build that judge
-    (`stages.core.stage_pairs`, `stages.core.reward_scoring.reward_model_judge`, named
-    ``reward_model:<manifest sha256>``) and pass it to `generate_pairs(judge=...)`.
-    """
-    if name == "toy":
-        return toy_judge()
-    if name == "reward_model":
-        raise ConfigError(
-            "data.pairs.judge=reward_model needs a finished RM stage: the DPO stage loads "
-            "this experiment's (make rm); called directly, pass "
-            "judge=stages.core.reward_scoring.reward_model_judge(...) to generate_pairs"
-        )
-    raise ConfigError(f"data.pairs.judge={name!r} is not one of ['toy', 'reward_model']")
-
-
 # ----------------------------------------------------------------------------- prompts
-
-
-def prompt_key(prompt: Messages | str) -> str:
-    """Normalised text of the last user turn: what decontamination and the split compare."""
-    if not isinstance(prompt, str):
-        users = [m["content"] for m in prompt if m.get("role") == "user"]
-        prompt = users[-1] if users else ""
-    return re.sub(r"\s+", " ", prompt).strip().casefold()
 
 
 def toy_pair_prompts(toy_cfg: ToyTaskConfig, num_prompts: int, seed: int) -> list[Messages]:
@@ -197,7 +165,7 @@ def build_pairs(
     Returns the rows and stats: counts dropped per reason (`DROP_REASONS`), kept, mean margin.
     """
     if strategy not in STRATEGIES:
-        raise ConfigError(f"data.pairs.strategy={strategy!r} is not one of {list(STRATEGIES)}")
+        raise ValueError(f"data.pairs.strategy={strategy!r} is not one of {list(STRATEGIES)}")
     if not len(prompts) == len(samples) == len(scores):
         raise ValueError(
             f"prompts, samples and scores differ in length: "
@@ -329,154 +297,20 @@ def cache_key(inputs: dict[str, Any]) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def _read_jsonl(path: Path) -> list[Row]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+class FilePairsConfig(Protocol):
+    """What `file_pairs` reads (`stages.core.schema.PairsConfig` validates it)."""
+
+    path: str | None
+    format: str
+    heldout_fraction: float
+    seed: int
 
 
-def _write_cache(directory: Path, train: list[Row], heldout: list[Row], info: dict) -> None:
-    # Local import: handoff is the one place that writes files atomically.
-    from stages.core.handoff import write_json_atomic, write_jsonl_atomic
-
-    write_jsonl_atomic(directory / TRAIN_FILE, train)
-    write_jsonl_atomic(directory / HELDOUT_FILE, heldout)
-    write_json_atomic(directory / STATS_FILE, info)  # last: its presence marks a complete set
-
-
-def load_cached(directory: Path) -> PairSet | None:
-    """A previously generated set, or None when absent or incomplete."""
-    if not (directory / STATS_FILE).is_file():
-        return None
-    info = json.loads((directory / STATS_FILE).read_text())
-    train, heldout = _read_jsonl(directory / TRAIN_FILE), _read_jsonl(directory / HELDOUT_FILE)
-    if content_hash(train) != info.get("content_hash"):
-        log.warning("cached pairs in %s do not match their hash; regenerating", directory)
-        return None
-    return PairSet(
-        train,
-        heldout,
-        {**info, "cache": {"path": str(directory), "reused": True}},
-        on_policy_account(info),
-    )
-
-
-def generate_pairs(
-    policy: torch.nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    *,
-    pairs_cfg: PairsConfig,
-    toy_cfg: ToyTaskConfig,
-    model_cfg: ModelConfig,
-    policy_id: dict[str, Any],
-    cache_root: Path,
-    judge: Judge | None = None,
-) -> PairSet:
-    """On-policy pairs from ``policy``'s own samples, cached under ``cache_root/<key>/``.
-
-    ``policy_id`` identifies the checkpoint sampled (e.g. the parent stage's manifest ref
-    with its sha256): it is part of the cache key, so a retrained policy regenerates. Only
-    the embedded toy task has a prompt source today; ``judge`` defaults to
-    ``resolve_judge(pairs_cfg.judge)``.
-    """
-    from stages.core.generation import generate_replies
-    from stages.core.runtime import is_main_process
-
-    judge = judge or resolve_judge(pairs_cfg.judge)
-    key_inputs = {
-        "policy": policy_id,
-        "pairs": dataclasses.asdict(pairs_cfg),
-        "toy": dataclasses.asdict(toy_cfg),
-        "generation": {
-            "max_new_tokens": model_cfg.max_new_tokens,
-            "max_prompt_length": model_cfg.max_prompt_length,
-        },
-        "judge": judge.name,
-    }
-    key = cache_key(key_inputs)
-    directory = Path(cache_root) / key
-    cached = load_cached(directory)
-    if cached is not None:
-        log.info("reusing %d cached pairs from %s", len(cached.train), directory)
-        return cached
-
-    prompts = toy_pair_prompts(toy_cfg, pairs_cfg.num_prompts, pairs_cfg.seed)
-    samples = generate_replies(
-        policy,
-        tokenizer,
-        prompts,
-        max_new_tokens=model_cfg.max_new_tokens,
-        max_prompt_length=model_cfg.max_prompt_length,
-        batch_size=pairs_cfg.generation_batch_size,
-        do_sample=True,
-        temperature=pairs_cfg.temperature,
-        num_return_sequences=pairs_cfg.samples_per_prompt,
-        seed=pairs_cfg.seed,
-        progress=f"pairs: sampling {pairs_cfg.samples_per_prompt} per prompt",
-    )
-    flat_prompts = [p for p, replies in zip(prompts, samples) for _ in replies]
-    flat_scores = judge.score_all(flat_prompts, [r for replies in samples for r in replies])
-    n = pairs_cfg.samples_per_prompt
-    scores = [flat_scores[i * n : (i + 1) * n] for i in range(len(prompts))]
-    references = reference_scores = None
-    if pairs_cfg.strategy == "ground_truth_vs_sample":
-        references = [toy.correct_reply(_toy_problem(p)) for p in prompts]
-        reference_scores = judge.score_all(prompts, references)
-    rows, stats = build_pairs(
-        prompts,
-        samples,
-        scores,
-        strategy=pairs_cfg.strategy,
-        min_margin=pairs_cfg.min_margin,
-        max_length_ratio=pairs_cfg.max_length_ratio,
-        seed=pairs_cfg.seed,
-        eval_prompt_keys=toy_eval_prompt_keys(toy_cfg),
-        references=references,
-        reference_scores=reference_scores,
-    )
-    train, heldout = split_heldout(rows, pairs_cfg.heldout_fraction, pairs_cfg.seed)
-    correct = [[toy.judge(_toy_problem(p), r) for r in rs] for p, rs in zip(prompts, samples)]
-    stats.update(
-        {
-            "generated": sum(len(s) for s in samples),
-            "samples_per_prompt": n,
-            f"pass_at_{n}": sum(any(c) for c in correct) / max(len(prompts), 1),
-            "sample_accuracy": sum(map(sum, correct)) / max(sum(map(len, correct)), 1),
-            "mean_score": sum(flat_scores) / max(len(flat_scores), 1),
-            "train": len(train),
-            "heldout": len(heldout),
-        }
-    )
-    info = {
-        "recipe": f"on_policy/{pairs_cfg.strategy}",
-        "judge": judge.name,
-        "key": key,
-        "key_inputs": key_inputs,
-        "stats": stats,
-        "content_hash": content_hash(train),
-        "heldout_content_hash": content_hash(heldout),
-    }
-    log.info(
-        "pairs: %d kept of %d prompts (pass@%d %.3f, dropped %s)",
-        stats["kept"],
-        stats["prompts"],
-        n,
-        stats[f"pass_at_{n}"],
-        stats["dropped"],
-    )
-    if is_main_process():
-        _write_cache(directory, train, heldout, info)
-    return PairSet(
-        train,
-        heldout,
-        {**info, "cache": {"path": str(directory), "reused": False}},
-        on_policy_account(info),
-    )
-
-
-def file_pairs(pairs_cfg: PairsConfig, eval_prompt_keys: set[str] | None = None) -> PairSet:
+def file_pairs(pairs_cfg: FilePairsConfig, eval_prompt_keys: set[str] | None = None) -> PairSet:
     """Pairs from a local preference file (TRL, HH-RLHF, UltraFeedback, ...), decontaminated
     against ``eval_prompt_keys`` and split into train / held-out by prompt."""
-    if not pairs_cfg.path:
-        raise ConfigError("data.pairs.source=file needs data.pairs.path=/path/to/pairs.jsonl")
+    if not pairs_cfg.path:  # the config check names the key before any stage gets here
+        raise ValueError("data.pairs.source=file needs data.pairs.path=/path/to/pairs.jsonl")
     data = load_preference_file(pairs_cfg.path, format=pairs_cfg.format)
     keys = eval_prompt_keys or set()
     rows = [dict(r) for r in data.dataset]

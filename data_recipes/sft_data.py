@@ -6,8 +6,6 @@ account (read / kept / dropped by reason) that the stage completes with the leng
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,15 +22,6 @@ class SftRows:
     dataset: Dataset
     info: dict[str, Any]
     account: RowAccount
-
-
-def dataset_hash(dataset: Dataset) -> str:
-    """sha256 of the rows' canonical JSON, in order: the data's identity in a manifest."""
-    digest = hashlib.sha256()
-    for row in dataset:
-        digest.update(json.dumps(row, sort_keys=True, ensure_ascii=False).encode())
-        digest.update(b"\n")
-    return digest.hexdigest()
 
 
 def load_sft_rows(data_cfg: Any) -> SftRows:

@@ -20,15 +20,28 @@ import random
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 from datasets import Dataset
-
-from stages.core.schema import ToyTaskConfig
 
 OPERANDS = range(10, 100)
 EVASIVE_REPLY = "i do not know."
 _FIRST_INT = re.compile(r"-?\d+")
 _PROMPT = re.compile(r"What is (\d+) \+ (\d+)\?")
+
+
+class ToyTaskConfig(Protocol):
+    """The settings this module reads (`stages.core.schema.ToyTaskConfig` validates them)."""
+
+    num_train: int
+    num_eval: int
+    frac_correct: float
+    frac_evasive: float
+    hard_frac_correct: float
+    hard_frac_evasive: float
+    train_seed: int
+    eval_seed: int
+    eval_fraction: float
 
 
 @dataclass(frozen=True)

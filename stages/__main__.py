@@ -15,13 +15,14 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
+from stages import config_files
 from stages.cli_help import print_help, wants_help
 from stages.core.cli_errors import reported_user_errors
 from stages.core.console import quiet_console
 from stages.core.run_paths import check_command_line
 from stages.registry import register_configs
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+CONF_DIR = str(config_files.CONF_DIR)  # the checkout's conf/, or the wheel's copy
 
 if __name__ == "__main__" or Path(sys.argv[0]).name == "alignpipe":
     # Our --help page, before Hydra parses argv (stages/cli_help.py); then the console

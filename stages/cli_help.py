@@ -2,9 +2,9 @@
 
 Hydra's generic page lists the internal ``*_schema`` configs as options and ``accelerate`` as
 a group, and shows no docs. This page is built from the YAML files (the first comment line of
-each option, the comment on each key) and the typed schemas (a field's comment, or the PPO
-knob's ``help``), composed with Hydra but without importing torch or transformers, so it
-answers in well under a second. Hydra's own page stays at ``--hydra-help``.
+each option; a comment on a preset's key) and the typed schemas, where every knob's default
+and its comment live (a field's comment, or the PPO knob's ``help``), composed with Hydra but
+without importing torch or transformers, so it answers in well under a second. Hydra's own page stays at ``--hydra-help``.
 
     alignpipe --help                      stages, groups, options, top-level keys
     alignpipe --help stage=dpo            the knobs of stage=dpo, their defaults and docs
@@ -22,7 +22,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+from stages.config_files import CONF_DIR
+
 HELP_FLAGS = ("--help", "-h")
 # Selectable groups, in the order a user meets them; `paths` is where, not what.
 GROUPS = ("stage", "model", "peft", "data", "tracking", "experiment", "paths")
@@ -88,31 +89,48 @@ def yaml_key_comments(path: Path) -> dict[str, str]:
 
 
 def schema_field_comments(cls: type) -> dict[str, str]:
-    """Field name -> its one-line doc in a schema dataclass and its bases: the comment on (or
-    right above) the field, else the dataclass field's ``help`` metadata (PPO knobs)."""
+    """Field name -> its one-line doc in a schema dataclass and its bases: the comment on the
+    field's line, else the first sentence of the comment block right above it, else the
+    field's ``help`` metadata (PPO knobs). The class that declares a field last documents it
+    (PPOStageConfig's ``temperature`` over PPOHyperparams', PPOHyperparams' ``lr_scheduler``
+    over StageConfig's)."""
     docs: dict[str, str] = {}
     for klass in reversed(cls.__mro__):
         if not dataclasses.is_dataclass(klass) or klass is object:
             continue
+        declared: dict[str, str] = {}
         try:
             source = inspect.getsource(klass)
         except (OSError, TypeError):
-            continue
+            source = ""
         lines = source.splitlines()
-        for stmt in ast.parse(source).body[0].body:  # type: ignore[attr-defined]
+        for stmt in ast.parse(source).body[0].body if source else []:  # type: ignore[attr-defined]
             if not (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)):
                 continue
-            line, above = lines[stmt.lineno - 1], lines[stmt.lineno - 2].strip()
-            above = above.lstrip("#").strip() if above.startswith("#") else ""
+            line = lines[stmt.lineno - 1]
+            above = _comment_block_above(lines, stmt.lineno - 1)
             if "#" in line and not line.split("#", 1)[1].strip().startswith("fmt:"):
-                docs[stmt.target.id] = line.split("#", 1)[1].strip()
-            elif above and not above.startswith("-"):  # not a "# ---- section" divider
-                docs[stmt.target.id] = above
+                declared[stmt.target.id] = line.split("#", 1)[1].strip()
+            elif above:
+                declared[stmt.target.id] = first_sentence(above)
+        own_fields = inspect.get_annotations(klass)
         for item in dataclasses.fields(klass):
             help_text = item.metadata.get("help")
-            if help_text and item.name not in docs:
-                docs[item.name] = first_sentence(" ".join(help_text.split()))
+            if help_text and item.name in own_fields and item.name not in declared:
+                declared[item.name] = first_sentence(" ".join(help_text.split()))
+        docs.update(declared)
     return docs
+
+
+def _comment_block_above(lines: list[str], index: int) -> str:
+    """The comment lines right above ``lines[index]``, joined (a "# ----" divider ends it)."""
+    block: list[str] = []
+    for line in reversed(lines[:index]):
+        text = line.strip()
+        if not text.startswith("#") or text.lstrip("#").strip().startswith("-"):
+            break
+        block.insert(0, text.lstrip("#").strip())
+    return " ".join(block)
 
 
 def compose(overrides: Sequence[str]) -> Any:

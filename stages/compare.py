@@ -7,11 +7,11 @@ Owns reading run dirs back (recursively: ``runs/<exp>/<stage>/`` and sweep jobs'
 ``runs/<exp>/<stage>/<variant>/``), the comparison table (terminal + Markdown), and the
 plots: held-out accuracy per run, training-loss curves (from the last checkpoint's
 ``trainer_state.json``) and the **reward-KL frontier**: true reward of the toy task (the rule
-judge's held-out accuracy) against KL to the SFT reference, one point per DPO or PPO run,
+judge's held-out accuracy) against KL to the SFT reference, one point per DPO, PPO or KTO run,
 in the style of Fig. 2 of the DPO paper. Nothing here needs W&B, a network or a GPU.
 
-The metric keys are defined once, below: stages write them into their manifests (DPO and
-PPO through ``stages.core.comparison.compare_with_parent``).
+The metric keys are defined once, below: stages write them into their manifests (DPO,
+PPO and KTO through ``stages.core.comparison.compare_with_parent``).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from stages.core import handoff
+from stages.registry import STAGES
 
 # The frontier's axes. REWARD_KEY: greedy held-out accuracy by the toy task's rule judge (the
 # "true reward" the preference stages are trying to raise). KL_KEY: Monte-Carlo
@@ -35,11 +36,9 @@ from stages.core import handoff
 REWARD_KEY = "eval/accuracy"
 KL_KEY = "compare/kl_per_sequence"
 KL_PER_TOKEN_KEY = "compare/kl_per_token"
-# Stages plotted on the frontier: (legend name, marker, colour), so DPO and PPO read apart.
-FRONTIER_STAGES = {
-    "dpo": ("DPO", "o", "tab:blue"),
-    "ppo": ("PPO", "^", "tab:orange"),
-}
+# Stages plotted on the frontier: (legend name, marker, colour) from each stage's registry
+# entry (StageSpec.frontier), so the methods read apart and a new stage needs no edit here.
+FRONTIER_STAGES = {spec.name: spec.frontier for spec in STAGES if spec.frontier is not None}
 REFERENCE_STAGE = "sft"
 
 # Table columns after run/stage/kind/settings: (header, metric key in the manifest).
@@ -328,7 +327,7 @@ def render_markdown(header: list[str], rows: list[list[str]], *, text_columns: i
 
 @dataclass(frozen=True)
 class FrontierPoint:
-    method: str  # DPO | PPO
+    method: str  # DPO | PPO | KTO
     label: str  # the run's varying settings, e.g. "beta=0.1"
     kl: float
     reward: float
@@ -701,7 +700,7 @@ class Report:
     table: str  # terminal rendering
     markdown: str
     files: list[Path]
-    missing_frontier: list[str]  # DPO/PPO runs without the frontier metrics
+    missing_frontier: list[str]  # DPO/PPO/KTO runs without the frontier metrics
 
 
 def compare(

@@ -1,4 +1,4 @@
-"""`make frontier`: the reward-KL frontier of DPO and PPO on one experiment, as a PNG + table.
+"""`make frontier`: the reward-KL frontier of DPO, PPO and KTO on one experiment, PNG + table.
 
     python -m stages.frontier              # EXP=toy: runs/toy/_frontier/frontier.{png,md}
     python -m stages.frontier --plot-only  # re-plot from existing runs
@@ -11,8 +11,10 @@ first), then plots with `stages.compare`:
 1. ``alignpipe stage=sft``                      the shared parent (a no-op when DONE)
 2. ``alignpipe -m +sweep=dpo_beta``             DPO over beta (conf/sweep/dpo_beta.yaml)
 3. ``alignpipe stage=rm`` then ``-m +sweep=ppo_kl``   PPO over kl_coef (conf/sweep/ppo_kl.yaml)
-4. one point per DPO/PPO run of this frontier (W&B group ``<exp>-frontier``): the toy task's
-   true reward (the judge's held-out accuracy) against KL(policy || SFT), plus SFT at KL 0.
+4. ``alignpipe -m +sweep=kto_beta``             KTO over beta (conf/sweep/kto_beta.yaml)
+5. one point per DPO/PPO/KTO run of this frontier (W&B group ``<exp>-frontier``): the toy
+   task's true reward (the judge's held-out accuracy) against KL(policy || SFT), plus SFT at
+   KL 0.
 
 Finished runs are reused (a stage that is DONE is a no-op), so re-running only adds what is
 missing. Stages run as subprocesses: each sweep job is a normal Hydra job with its own run
@@ -45,7 +47,9 @@ from stages.compare import (
 
 # Output goes next to the runs it plots: the tracked docs/ changes only when asked (--out docs).
 OUTPUT_DIR_NAME = "_frontier"
-METHODS = ("dpo", "ppo")
+METHODS = ("dpo", "ppo", "kto")
+# Per-stage extra overrides (--<stage>-args): every stage the frontier runs.
+STEP_STAGES = ("sft", "dpo", "rm", "ppo", "kto")
 
 
 def frontier_group(experiment: str) -> str:
@@ -65,6 +69,7 @@ def commands(
     per_stage: dict[str, Sequence[str]] | None = None,
     betas: str | None = None,
     kl_coefs: str | None = None,
+    kto_betas: str | None = None,
 ) -> list[list[str]]:
     """The CLI invocations that produce the frontier's runs, in order."""
     per_stage = per_stage or {}
@@ -79,11 +84,14 @@ def commands(
         cmds.append([*base, "stage=rm", *exp, *per_stage.get("rm", ())])
         grid = [f"stage.kl_coef={kl_coefs}"] if kl_coefs else []
         cmds.append([*base, "-m", "+sweep=ppo_kl", *exp, group, *grid, *per_stage.get("ppo", ())])
+    if "kto" in methods:
+        grid = [f"stage.beta={kto_betas}"] if kto_betas else []
+        cmds.append([*base, "-m", "+sweep=kto_beta", *exp, group, *grid, *per_stage.get("kto", ())])
     return cmds
 
 
 def select(runs: Sequence[Run], experiment: str) -> list[Run]:
-    """This frontier's DPO/PPO runs (by W&B group) and the SFT runs they descend from."""
+    """This frontier's DPO/PPO/KTO runs (by W&B group) and the SFT runs they descend from."""
     group = frontier_group(experiment)
     chosen = [
         r
@@ -107,7 +115,7 @@ def write_frontier(runs_root: Path, experiment: str, out: Path) -> tuple[Path, P
             else ""
         )
         raise CompareError(
-            f"no DPO/PPO run of W&B group {frontier_group(experiment)!r} under "
+            f"no DPO/PPO/KTO run of W&B group {frontier_group(experiment)!r} under "
             f"{runs_root / experiment} has both frontier metrics{hint}; run without --plot-only"
         )
     png = plot_frontier(runs, out / "frontier.png", f"Reward-KL frontier: {experiment}")
@@ -132,7 +140,7 @@ def write_frontier(runs_root: Path, experiment: str, out: Path) -> tuple[Path, P
             f"`What is A + B?` prompts by the rule judge (`{REWARD_KEY}`). x = Monte-Carlo "
             f"KL(policy ‖ SFT) per response on the policy's own samples at T=1 (`{KL_KEY}`). "
             "Up and to the left is better: more reward for less drift from the SFT policy. "
-            "DPO trades them off through beta, PPO through kl_coef.",
+            "DPO and KTO trade them off through beta, PPO through kl_coef.",
             "",
             frontier_table,
             "",
@@ -155,7 +163,8 @@ def write_frontier(runs_root: Path, experiment: str, out: Path) -> tuple[Path, P
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m stages.frontier",
-        description="Run the DPO-beta and PPO-kl_coef sweeps and plot the reward-KL frontier.",
+        description="Run the DPO-beta, PPO-kl_coef and KTO-beta sweeps and plot the reward-KL "
+        "frontier.",
     )
     parser.add_argument("--experiment", default="toy", help="experiment name (EXP); default toy")
     parser.add_argument(
@@ -167,12 +176,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "(--out docs regenerates the committed docs/frontier.{png,md})",
     )
     parser.add_argument("--methods", default=None,
-                        help="comma list of dpo,ppo (default: both)")  # fmt: skip
+                        help="comma list of dpo,ppo,kto (default: all three)")  # fmt: skip
     parser.add_argument(
         "--betas", help="DPO betas, e.g. 0.03,0.1,0.3 (default: conf/sweep/dpo_beta.yaml)"
     )
     parser.add_argument("--kl-coefs", help="PPO kl_coefs (default: conf/sweep/ppo_kl.yaml)")
-    for stage in ("sft", "dpo", "rm", "ppo"):
+    parser.add_argument("--kto-betas", help="KTO betas (default: conf/sweep/kto_beta.yaml)")
+    for stage in STEP_STAGES:
         parser.add_argument(
             f"--{stage}-args", default="", help=f"extra overrides for the {stage} step"
         )
@@ -195,10 +205,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     runs_root = Path(args.runs_root)
     common = [f"paths.runs_root={runs_root}", *args.overrides]
-    per_stage = {s: shlex.split(getattr(args, f"{s}_args")) for s in ("sft", "dpo", "rm", "ppo")}
+    per_stage = {s: shlex.split(getattr(args, f"{s}_args")) for s in STEP_STAGES}
     if not args.plot_only:
         for cmd in commands(args.experiment, methods, common=common, per_stage=per_stage,
-                            betas=args.betas, kl_coefs=args.kl_coefs):  # fmt: skip
+                            betas=args.betas, kl_coefs=args.kl_coefs,
+                            kto_betas=args.kto_betas):  # fmt: skip
             print("+ " + shlex.join(["python", *cmd[1:]]), flush=True)
             if not args.dry_run and subprocess.run(cmd).returncode != 0:
                 print(f"frontier: step failed: {shlex.join(cmd)}", file=sys.stderr)

@@ -26,9 +26,17 @@ from stages.core.schema import (
 from stages.core.stage_spec import StageSpec, register_stage, stage_spec
 from stages.dpo.config import DPOStageConfig
 from stages.eval.config import EvalStageConfig
+from stages.kto.config import KTOStageConfig
 from stages.ppo.config import PPOStageConfig
 from stages.rm.config import RMStageConfig
 from stages.sft.config import SFTStageConfig
+
+# peft methods by what a stage needs of an adapter. Policy stages trained by TRL take any
+# peft method. The reward model needs trained layers under its value head (prefix / prompt
+# tuning only prepend virtual tokens); PPO hosts its four roles as LoRA-shaped adapters on one
+# base and starts its value model from the RM's.
+ALL_PEFT_METHODS = ("none", "lora", "dora", "ia3", "prefix", "prompt")
+LAYER_ADAPTER_METHODS = ("none", "lora", "dora")
 
 STAGES: tuple[StageSpec, ...] = (
     StageSpec(
@@ -38,6 +46,7 @@ STAGES: tuple[StageSpec, ...] = (
         parent="none",
         reads=("sft",),
         summary="supervised instruction tuning on demonstrations (TRL SFTTrainer)",
+        peft_methods=ALL_PEFT_METHODS,
     ),
     StageSpec(
         name="rm",
@@ -46,6 +55,7 @@ STAGES: tuple[StageSpec, ...] = (
         parent="policy",
         reads=("pairs",),
         summary="reward model on preference pairs (TRL RewardTrainer)",
+        peft_methods=LAYER_ADAPTER_METHODS,
     ),
     StageSpec(
         name="ppo",
@@ -54,6 +64,8 @@ STAGES: tuple[StageSpec, ...] = (
         parent="policy",
         reads=("prompts",),
         summary="PPO against the reward model, KL-penalised to SFT (our trainer)",
+        peft_methods=LAYER_ADAPTER_METHODS,
+        frontier=("PPO", "^", "tab:orange"),
     ),
     StageSpec(
         name="dpo",
@@ -62,6 +74,18 @@ STAGES: tuple[StageSpec, ...] = (
         parent="policy",
         reads=("pairs",),
         summary="direct preference optimisation from SFT (TRL DPOTrainer)",
+        peft_methods=ALL_PEFT_METHODS,
+        frontier=("DPO", "o", "tab:blue"),
+    ),
+    StageSpec(
+        name="kto",
+        schema=KTOStageConfig,
+        recipe="stages.kto.recipe",
+        parent="policy",
+        reads=("pairs", "labelled"),
+        summary="KTO from SFT on replies labelled desirable / undesirable (TRL KTOTrainer)",
+        peft_methods=ALL_PEFT_METHODS,
+        frontier=("KTO", "s", "tab:green"),
     ),
     StageSpec(
         name="eval",
@@ -70,6 +94,7 @@ STAGES: tuple[StageSpec, ...] = (
         parent="none",  # it evaluates stage.target against that stage's own parent
         trains=False,
         summary="compare a finished stage with its parent",
+        peft_methods=ALL_PEFT_METHODS,
     ),
 )
 

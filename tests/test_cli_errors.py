@@ -177,7 +177,11 @@ def test_missing_parent_hint_runs_the_parent_this_command_needs(tmp_path, runs) 
     (job,) = invocations(hint.group(1))  # through the real Makefile
     cfg = _compose(job.overrides)
     typed = validate_config(cfg)
-    assert (typed.stage.name, typed.experiment_name, typed.peft.kind) == ("sft", "mine", "qlora")
+    assert (typed.stage.name, typed.experiment_name, typed.peft.checkpoint_kind()) == (
+        "sft",
+        "mine",
+        "qlora",
+    )
     assert Path(typed.paths.runs_root) == tmp_path / "runs"
 
 

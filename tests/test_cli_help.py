@@ -76,7 +76,7 @@ def test_help_for_an_unknown_option_names_the_real_ones() -> None:
     )
     assert done.returncode == 2
     assert "stage=dop is not an option of stage" in done.stderr
-    assert "dpo, eval, ppo, rm, sft" in done.stderr and "_schema" not in done.stderr
+    assert "dpo, eval, kto, ppo, rm, sft" in done.stderr and "_schema" not in done.stderr
 
 
 def test_hydra_help_is_still_hydras() -> None:

@@ -39,6 +39,56 @@ def test_every_stage_x_experiment_composes_and_validates(compose_cfg, stage, exp
     assert typed.experiment_name == experiment  # experiment files name themselves
 
 
+# What each stage can train with (the registry's peft_methods, spelled out here so that a
+# change to them is a visible test change).
+WORKING_METHODS = {
+    "sft": {"none", "lora", "dora", "ia3", "prefix", "prompt"},
+    "dpo": {"none", "lora", "dora", "ia3", "prefix", "prompt"},
+    "kto": {"none", "lora", "dora", "ia3", "prefix", "prompt"},  # like dpo
+    "eval": {"none", "lora", "dora", "ia3", "prefix", "prompt"},
+    "rm": {"none", "lora", "dora"},
+    "ppo": {"none", "lora", "dora"},
+}
+
+
+@pytest.mark.parametrize(
+    ("stage", "peft", "experiment"),
+    list(itertools.product(_options("stage"), _options("peft"), _options("experiment"))),
+)
+def test_every_stage_x_peft_x_experiment_validates_or_names_the_methods(
+    compose_cfg, stage, peft, experiment
+) -> None:
+    cfg = compose_cfg(f"stage={stage}", f"peft={peft}", f"experiment={experiment}", fast=False)
+    method = cfg.peft.method  # an experiment bundle may pick its own peft
+    spec = next(s for s in STAGES if s.name == stage)
+    assert set(spec.peft_methods) == WORKING_METHODS[stage]
+    if method in WORKING_METHODS[stage]:
+        typed = validate_config(cfg)
+        assert (typed.stage.name, typed.peft.method) == (stage, method)
+        return
+    with pytest.raises(ConfigError) as err:
+        validate_config(cfg)
+    assert err.value.problems == [
+        f"peft.method={method} does not work for stage {stage}; the methods that do: "
+        f"{list(spec.peft_methods)}. Pick one of them, e.g. `alignpipe stage={stage} peft=lora`"
+    ]
+
+
+def test_peft_quantize_and_target_modules_are_checked(compose_cfg) -> None:
+    typed = validate_config(compose_cfg("peft=dora", "peft.quantize=4bit"))
+    assert typed.peft.checkpoint_kind() == "dora-4bit"
+    assert validate_config(compose_cfg("peft=qlora")).peft.checkpoint_kind() == "qlora"
+    assert validate_config(compose_cfg("peft=lora")).peft.target_modules == "all-linear"
+    typed = validate_config(compose_cfg("peft=lora", "peft.target_modules=[q_proj,v_proj]"))
+    assert typed.peft.target_modules == ["q_proj", "v_proj"]
+    with pytest.raises(ConfigError, match=r"peft\.quantize=4bit needs an adapter method"):
+        validate_config(compose_cfg("peft=none", "peft.quantize=4bit"))
+    with pytest.raises(ConfigError, match=r"peft\.method=ia3 does not train on a 4-bit base"):
+        validate_config(compose_cfg("peft=ia3", "peft.quantize=4bit"))
+    with pytest.raises(ConfigError, match=r"peft\.target_modules='all_linear' must be"):
+        validate_config(compose_cfg("peft=lora", "peft.target_modules=all_linear"))
+
+
 @pytest.mark.parametrize("group", ["model", "peft", "data", "tracking", "paths"])
 def test_every_option_of_every_group_composes(compose_cfg, group) -> None:
     for option in _options(group):
@@ -82,8 +132,8 @@ def test_cross_field_checks_run_before_any_weights(compose_cfg) -> None:
     cfg = compose_cfg("data.toy.frac_correct=0.9")  # easy mix no longer sums to 1
     with pytest.raises(ConfigError, match=r"data\.toy\.frac_correct"):
         validate_config(cfg)
-    cfg = compose_cfg("peft.kind=qlorra")
-    with pytest.raises(ConfigError, match=r"peft\.kind='qlorra'"):
+    cfg = compose_cfg("peft.method=qlorra")
+    with pytest.raises(ConfigError, match=r"peft\.method='qlorra'"):
         validate_config(cfg)
     cfg = compose_cfg("stage=dpo", "stage.beta=-1")
     with pytest.raises(ConfigError, match=r"stage\.beta"):

@@ -77,6 +77,8 @@ def test_sft_counts_by_reason_are_exact(tokenizer, tmp_path, caplog) -> None:
     assert info["rows_dropped"] == SFT_ACCOUNTING["dropped"]
     assert info["rows_truncated"] == SFT_ACCOUNTING["truncated"]
     assert info["max_length"] == MAX_LENGTH
+    # SFT rows are hashed by the same row hasher as preference rows (one content hasher).
+    assert info["content_hash"] == pair_recipes.content_hash(rows)
     lines = [r for r in caplog.records if r.name == "stages.core.data_accounting"]
     assert lines[0].levelno == logging.INFO
     assert f"{SFT_FILE}: 25 rows read, 19 kept, 6 dropped (empty 2, too_long 4)" in (

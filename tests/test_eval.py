@@ -30,10 +30,11 @@ from stages.core.handoff import DONE, MANIFEST, HandoffError, file_sha256
 from stages.core.models import load_tokenizer, resolve_base_model
 from stages.core.reward_scoring import RewardScorer
 from stages.core.schema import ModelConfig, PathsConfig, TinyModelSpec, ToyTaskConfig
-from stages.core.task_eval import toy_task_metrics
+from stages.core.task_eval import task_metrics
 from stages.dpo import recipe as dpo
 from stages.eval import recipe as eval_stage
 from stages.sft import recipe as sft
+from stages.tasks.addition import AdditionTask
 
 from .test_dpo import PAIRS_FAST
 
@@ -96,7 +97,7 @@ def test_a_model_compared_with_itself(tiny) -> None:
         model,
         copy.deepcopy(model),
         tokenizer,
-        toy_cfg=ToyTaskConfig(num_eval=12),
+        task=AdditionTask(ToyTaskConfig(num_eval=12)),
         model_cfg=model_cfg,
         heldout_pairs=_pairs(),
         num_kl_samples=16,
@@ -125,7 +126,7 @@ def test_a_changed_model_has_positive_kl_and_win_rates_add_up(tiny) -> None:
         other,
         model,
         tokenizer,
-        toy_cfg=ToyTaskConfig(num_eval=12),
+        task=AdditionTask(ToyTaskConfig(num_eval=12)),
         model_cfg=model_cfg,
         heldout_pairs=_pairs(),
         num_kl_samples=32,
@@ -265,12 +266,12 @@ def test_comparison_and_eval_run_within_a_short_context(
             p.add_(0.3 * torch.randn_like(p))
     with caplog.at_level(logging.WARNING, logger="stages.core.generation"):
         m = compare_with_parent(
-            other, model, tokenizer, toy_cfg=toy_cfg, model_cfg=model_cfg,
+            other, model, tokenizer, task=AdditionTask(toy_cfg), model_cfg=model_cfg,
             heldout_pairs=[*_pairs(2), long_pair], num_kl_samples=8,
         ).metrics  # fmt: skip
         kl = kl_per_token(other, model, tokenizer, [p.messages() for p in toy.eval_prompts(toy_cfg)],
                           model_cfg)  # fmt: skip
-        metrics, samples = toy_task_metrics(model, tokenizer, toy_cfg, model_cfg)
+        metrics, samples = task_metrics(model, tokenizer, AdditionTask(toy_cfg), model_cfg)
     assert m["compare/kl_tokens"] > 0 and math.isfinite(m["compare/kl_per_token"])
     assert m["compare/kl_per_token"] > 0  # a different model: the KL is really measured
     assert m["compare/heldout_pairs"] == 3 and math.isfinite(m["compare/policy_logp_margin"])

@@ -159,8 +159,8 @@ def test_pairs_file_is_validated_before_weights_load(
     def no_weights(*args, **kwargs):
         raise AssertionError("weights loaded before the data file was validated")
 
-    monkeypatch.setattr(dpo, "load_stage_model", no_weights)
-    monkeypatch.setattr(dpo, "load_trainable_model", no_weights)
+    monkeypatch.setattr(dpo, "frozen_policy", no_weights)
+    monkeypatch.setattr(dpo, "trainable_model", no_weights)
     with pytest.raises(DataFormatError, match=rf"{bad.name}.*2"):
         dpo.run(compose_cfg(*DPO_FAST, "data.pairs.source=file", f"data.pairs.path={bad}"))
 
@@ -233,12 +233,12 @@ def test_failure_in_the_comparison_keeps_final_and_the_rerun_only_evaluates(
 ) -> None:
     copy_run(sft_runs("none"), tmp_path / "runs", "sft")
     run_dir = tmp_path / "runs" / "toy" / "dpo"
-    real_compare = dpo.compare_with_parent
+    real_compare = dpo.compare_and_report
 
     def broken_compare(*args, **kwargs):
         raise IndexError("index out of range in self")  # the context-length crash
 
-    monkeypatch.setattr(dpo, "compare_with_parent", broken_compare)
+    monkeypatch.setattr(dpo, "compare_and_report", broken_compare)
     with pytest.raises(IndexError):
         dpo.run(compose_cfg(*DPO_FAST))
     assert (run_dir / "final" / "model.safetensors").is_file()
@@ -249,7 +249,7 @@ def test_failure_in_the_comparison_keeps_final_and_the_rerun_only_evaluates(
         def __init__(self, *args, **kwargs) -> None:
             raise AssertionError("the rerun trained again instead of loading final/")
 
-    monkeypatch.setattr(dpo, "compare_with_parent", real_compare)
+    monkeypatch.setattr(dpo, "compare_and_report", real_compare)
     monkeypatch.setattr(dpo, "DPOTrainer", NoTraining)
     metrics = dpo.run(compose_cfg(*DPO_FAST))
     assert (run_dir / DONE).is_file()

@@ -142,10 +142,10 @@ def test_template_without_generation_markers_fails_before_weights_load(
 ) -> None:
     without_generation_markers(tiny_dir)
 
-    def no_weights(**_):
+    def no_weights(*_, **__):
         raise AssertionError("weights were loaded")
 
-    monkeypatch.setattr(sft, "load_trainable_model", no_weights)
+    monkeypatch.setattr(sft, "trainable_model", no_weights)
     cfg = compose_cfg(f"model.name_or_path={tiny_dir}")
     with pytest.raises(ChatTemplateError) as err:
         sft.run(cfg)

@@ -10,7 +10,9 @@ import pytest
 
 from data_recipes import pairs, toy
 from stages.core.models import load_tokenizer, resolve_base_model
+from stages.core.on_policy_pairs import generate_pairs, resolve_judge
 from stages.core.schema import ConfigError, ModelConfig, PairsConfig, PathsConfig, ToyTaskConfig
+from stages.tasks.addition import AdditionTask
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -108,7 +110,7 @@ def test_best_vs_random_and_ground_truth_vs_sample() -> None:
     assert texts(rows[0], "rejected") in {"67.", "i do not know.", "58."}
     with pytest.raises(ValueError, match="references"):
         pairs.build_pairs(prompts, samples, scores, strategy="ground_truth_vs_sample")
-    with pytest.raises(ConfigError, match="strategy"):
+    with pytest.raises(ValueError, match="strategy"):
         pairs.build_pairs(prompts, samples, scores, strategy="best_of_all")
 
 
@@ -161,13 +163,13 @@ def test_heldout_split_is_by_prompt_and_seeded() -> None:
 
 
 def test_toy_judge_and_unknown_judges() -> None:
-    judge = pairs.resolve_judge("toy")
+    judge = resolve_judge("toy")
     assert judge.score(ask(23, 45), "68.") == 1.0
     assert judge.score_all([ask(23, 45)] * 2, ["68.", "i do not know."]) == [1.0, 0.0]
     with pytest.raises(ValueError, match="toy judge"):
         judge.score([{"role": "user", "content": "hello"}], "hi")
     with pytest.raises(ConfigError, match="reward_model"):
-        pairs.resolve_judge("reward_model")
+        resolve_judge("reward_model")
 
 
 def test_file_pairs_are_decontaminated_and_split(tmp_path: Path) -> None:
@@ -216,13 +218,13 @@ def test_generate_pairs_is_deterministic_and_cached(tiny_policy, tmp_path, monke
     toy_cfg = ToyTaskConfig(num_eval=20)
     kwargs = dict(
         pairs_cfg=pairs_cfg,
-        toy_cfg=toy_cfg,
+        task=AdditionTask(toy_cfg),
         model_cfg=model_cfg,
         policy_id={"manifest_sha256": "abc"},
         judge=_length_judge(),
     )
-    first = pairs.generate_pairs(model, tokenizer, cache_root=tmp_path / "a", **kwargs)
-    fresh = pairs.generate_pairs(model, tokenizer, cache_root=tmp_path / "b", **kwargs)
+    first = generate_pairs(model, tokenizer, cache_root=tmp_path / "a", **kwargs)
+    fresh = generate_pairs(model, tokenizer, cache_root=tmp_path / "b", **kwargs)
     assert first.train and first.heldout
     assert (first.train, first.heldout) == (fresh.train, fresh.heldout)  # seeded sampling
     assert first.info["content_hash"] == fresh.info["content_hash"]
@@ -239,18 +241,18 @@ def test_generate_pairs_is_deterministic_and_cached(tiny_policy, tmp_path, monke
     def no_sampling(*args, **kw):
         raise AssertionError("a cached set must not be regenerated")
 
-    monkeypatch.setattr("stages.core.generation.generate_replies", no_sampling)
-    again = pairs.generate_pairs(model, tokenizer, cache_root=tmp_path / "a", **kwargs)
+    monkeypatch.setattr("stages.core.on_policy_pairs.generate_replies", no_sampling)
+    again = generate_pairs(model, tokenizer, cache_root=tmp_path / "a", **kwargs)
     assert again.info["cache"]["reused"] is True
     assert (again.train, again.heldout) == (first.train, first.heldout)
 
     # Any changed input is a different set: a new key, so sampling runs again.
     changed = dict(kwargs, policy_id={"manifest_sha256": "def"})
     with pytest.raises(AssertionError, match="must not be regenerated"):
-        pairs.generate_pairs(model, tokenizer, cache_root=tmp_path / "a", **changed)
+        generate_pairs(model, tokenizer, cache_root=tmp_path / "a", **changed)
     monkeypatch.undo()
     other_seed = dict(kwargs, pairs_cfg=dataclasses.replace(pairs_cfg, seed=1))
-    reseeded = pairs.generate_pairs(model, tokenizer, cache_root=tmp_path / "a", **other_seed)
+    reseeded = generate_pairs(model, tokenizer, cache_root=tmp_path / "a", **other_seed)
     assert reseeded.info["key"] != first.info["key"]
     assert reseeded.train != first.train
     assert len(list((tmp_path / "a").iterdir())) == 2

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+from trl.trainer.utils import entropy_from_logits
 
 from stages.ppo.advantages import (
     compute_advantages,
@@ -20,14 +21,10 @@ from stages.ppo.advantages import (
     per_token_rewards,
 )
 from stages.ppo.config import PPOConfigError, PPOHyperparams
-from stages.ppo.losses import (
-    clipped_policy_loss,
-    clipped_value_loss,
-    entropy_from_logits,
-    logprobs_from_logits,
-)
+from stages.ppo.losses import clipped_policy_loss, clipped_value_loss, logprobs_from_logits
 from stages.ppo.roles import PPORoles, SeparateRoles, causal_lm_response_logits
 from stages.ppo.rollout import (
+    Rollout,
     RolloutSettings,
     apply_missing_eos_penalty,
     collect_rollout,
@@ -206,7 +203,57 @@ def test_logprobs_and_entropy_from_logits():
     close(entropy_from_logits(logits)[0, 1], math.log(3))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1.0, 0.3])
+def test_library_logprobs_and_entropy_equal_the_hand_written_ones(dtype, temperature):
+    """trl's selective_log_softmax / entropy_from_logits replaced our own: log-probs and their
+    gradients (what PPO trains on) stay bit-identical; entropy (logged only) to fp32 rounding."""
+    gen = torch.Generator().manual_seed(0)
+    logits = (torch.randn(8, 16, 259, generator=gen) * 3).to(dtype).requires_grad_(True)
+    tokens = torch.randint(0, 259, (8, 16), generator=gen)
+
+    def previous_logprobs(z: torch.Tensor) -> torch.Tensor:  # stages/ppo/losses.py before
+        z = z.float() / temperature if temperature != 1.0 else z.float()
+        return z.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, dim=-1)
+
+    def previous_entropy(z: torch.Tensor) -> torch.Tensor:
+        z = z.float()
+        return torch.logsumexp(z, dim=-1) - (torch.softmax(z, dim=-1) * z).sum(-1)
+
+    old = previous_logprobs(logits)
+    (old_grad,) = torch.autograd.grad(old.sum(), logits)
+    new = logprobs_from_logits(logits, tokens, temperature)
+    (new_grad,) = torch.autograd.grad(new.sum(), logits)
+    assert torch.equal(new, old) and torch.equal(new_grad, old_grad)
+    scaled = logits.detach().float() / temperature  # as the trainer calls it
+    torch.testing.assert_close(
+        entropy_from_logits(scaled), previous_entropy(scaled), rtol=0, atol=5e-5
+    )
+
+
 # ----------------------------------------------------------------------------- rollout pieces
+
+
+def test_rollout_chunks_of_different_lengths_concat_right_padded():
+    def chunk(rows: int, width: int, start: float) -> Rollout:
+        ids = torch.arange(rows * width).reshape(rows, width) + 2
+        floats = torch.arange(rows * width, dtype=torch.float32).reshape(rows, width) + start
+        return Rollout(
+            query_ids=torch.full((rows, 3), 7), query_mask=torch.ones(rows, 3, dtype=torch.bool),
+            response_ids=ids, response_mask=torch.ones(rows, width, dtype=torch.bool),
+            logprobs=-floats, ref_logprobs=-2 * floats, values=floats,
+            scores=torch.full((rows,), start), raw_scores=torch.full((rows,), start),
+            contains_eos=torch.ones(rows, dtype=torch.bool),
+        )  # fmt: skip
+
+    merged = Rollout.concat([chunk(2, 3, 1.0), chunk(1, 5, 10.0)], pad_token_id=PAD)
+    assert merged.response_ids.tolist() == [[2, 3, 4, PAD, PAD], [5, 6, 7, PAD, PAD],
+                                            [2, 3, 4, 5, 6]]  # fmt: skip
+    assert merged.response_mask.dtype == torch.bool
+    assert merged.response_mask.sum(1).tolist() == [3, 3, 5]
+    assert merged.values.tolist() == [[1, 2, 3, 0, 0], [4, 5, 6, 0, 0], [10, 11, 12, 13, 14]]
+    assert merged.ref_logprobs[0].tolist() == [-2, -4, -6, 0, 0]
+    assert merged.scores.tolist() == [1, 1, 10] and merged.query_ids.shape == (3, 3)
 
 
 def test_truncation_after_the_first_stop_token():

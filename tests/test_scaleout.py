@@ -6,7 +6,6 @@ rank 0 wrote: one run dir, one manifest, one W&B run, and the loss fell.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -20,10 +19,11 @@ from hydra import compose, initialize_config_dir
 
 from stages.core.handoff import DONE, MANIFEST, file_sha256
 from tests.conftest import CONF_DIR, FAST, REPO
+from tests.optional_plugins import hydra_plugin_installed
 from tests.wandb_readback import offline_runs, read_offline_run
 
 ACCELERATE_DIR = CONF_DIR / "accelerate"
-HAS_SUBMITIT = importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is not None
+HAS_SUBMITIT = hydra_plugin_installed("hydra_submitit_launcher")
 TINY = [o for o in FAST if not o.startswith("tracking=")]
 PAIRS_FAST = [
     "data.pairs.num_prompts=32",

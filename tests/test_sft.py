@@ -44,7 +44,12 @@ def test_sft_learns_and_hands_off(compose_cfg, tmp_path, builtin_models_dir, pef
     assert manifest["kind"] == {"none": "full", "lora": "lora", "qlora": "qlora"}[peft]
     assert manifest["base_model"]["id"].startswith("builtin:tiny-llama-")
     assert manifest["data"]["content_hash"] and manifest["seed"] == 42
-    assert manifest["config"]["peft"]["kind"] == peft
+    peft_cfg = manifest["config"]["peft"]
+    assert (peft_cfg["method"], peft_cfg["quantize"]) == {
+        "none": ("none", "none"),
+        "lora": ("lora", "none"),
+        "qlora": ("lora", "4bit"),
+    }[peft]
     assert manifest["metrics"] == json.loads((run_dir / METRICS).read_text())
     assert {"torch", "transformers", "trl", "peft"} <= set(manifest["versions"])
 

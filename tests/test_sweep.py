@@ -6,7 +6,6 @@ default and read their run dirs and W&B offline files back.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -33,9 +32,10 @@ from stages.core.sweep import (
     safe_variant,
 )
 from tests.conftest import CONF_DIR, FAST, REPO
+from tests.optional_plugins import hydra_plugin_installed
 from tests.wandb_readback import offline_runs, read_offline_run
 
-HAS_OPTUNA = importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is not None
+HAS_OPTUNA = hydra_plugin_installed("hydra_optuna_sweeper")
 TINY = [o for o in FAST if not o.startswith("tracking=")]
 # The 12-step SFT model never answers correctly: pair its samples with the right answer.
 PAIRS_FAST = [
@@ -179,7 +179,7 @@ def test_named_sweeps_compose_with_their_stage_group_and_grid() -> None:
     assert str(dpo.hydra.mode) == "RunMode.MULTIRUN"
 
     ppo = _hydra_cfg("+sweep=ppo_kl", "experiment=toy_lora")
-    assert ppo.stage.name == "ppo" and ppo.peft.kind == "lora"
+    assert ppo.stage.name == "ppo" and ppo.peft.method == "lora"
     assert ppo.tracking.group == "toy_lora-ppo_kl"
     assert set(ppo.hydra.sweeper.params) == {"stage.kl_coef"}
 

@@ -3,8 +3,10 @@
 Owns `compare_with_parent` (used by the eval stage and at the end of each training stage)
 and the log-prob helpers it is built from:
 
-- task accuracy on the held-out toy prompts, greedy, by the rule judge (policy and parent);
-- win rate by the judge, policy greedy reply vs parent greedy reply per prompt, with ties;
+- on the task's held-out prompts (`stages.core.task`), greedy replies of both models scored by
+  the task's judge: mean score (``policy_reward`` / ``parent_reward``: the RM's reward on a
+  user's task), win rate (policy reply vs parent reply per prompt, ties counted), and
+  accuracy where the judge tells correct from incorrect (the embedded addition task);
 - mean per-token KL(policy || parent) on the policy's own samples: sample at temperature T,
   then sum over response tokens of ``logp_policy - logp_parent`` (both at T) / token count;
 - mean response length (characters and tokens) of the greedy replies;
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,10 +32,16 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from data_recipes import toy
-from stages.core.generation import context_length, fit_sequence, generate_ids, right_pad
+from stages.core.generation import (
+    chat_ids,
+    context_length,
+    fit_sequence,
+    generate_ids,
+    right_pad,
+)
 from stages.core.runtime import is_main_process
-from stages.core.schema import DataConfig, ModelConfig, ToyTaskConfig
+from stages.core.schema import ModelConfig
+from stages.core.task import HeldoutPrompt, Task
 from stages.core.task_eval import greedy_replies
 
 log = logging.getLogger(__name__)
@@ -52,22 +61,6 @@ class Comparison:
 # ------------------------------------------------------------------------- log-probs
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-def _chat_ids(tokenizer: PreTrainedTokenizerBase, messages: Messages, **kwargs: Any) -> list[int]:
-    ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False, **kwargs)
-    if isinstance(ids, dict):  # some tokenizers return a BatchEncoding regardless
-        ids = ids["input_ids"]
-    return list(ids)
-
-
 def tokenize_completion(
     tokenizer: PreTrainedTokenizerBase,
     prompt: Messages | str,
@@ -84,9 +77,10 @@ def tokenize_completion(
         reply = completion if isinstance(completion, list) else [
             {"role": "assistant", "content": completion}
         ]  # fmt: skip
-        prompt_ids = _chat_ids(tokenizer, prompt, add_generation_prompt=True)
-        full_ids = _chat_ids(tokenizer, [*prompt, *reply])
-    cut = _common_prefix(prompt_ids, full_ids)
+        prompt_ids = chat_ids(tokenizer, prompt, add_generation_prompt=True)
+        full_ids = chat_ids(tokenizer, [*prompt, *reply])
+    # commonprefix compares any sequences element by element, token ids included.
+    cut = len(os.path.commonprefix([prompt_ids, full_ids]))  # noqa: RUF071
     return full_ids[:cut], full_ids[cut:]
 
 
@@ -217,14 +211,6 @@ def preference_logps(
 # ------------------------------------------------------------------------ comparison
 
 
-def task_config(data_cfg: DataConfig) -> ToyTaskConfig | None:
-    """The toy task's config when the experiment is built on it (task metrics apply), else
-    None: a model trained only on your own files is compared on its held-out pairs alone."""
-    if data_cfg.sft.source == "toy" or data_cfg.pairs.source == "on_policy":
-        return data_cfg.toy
-    return None
-
-
 def _table(rows: list[tuple[str, Any, Any]], policy_name: str, parent_name: str) -> str:
     def fmt(value: Any) -> str:
         if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -247,12 +233,123 @@ def _table(rows: list[tuple[str, Any, Any]], policy_name: str, parent_name: str)
     return "\n".join([render[0], line, *render[1:]])
 
 
+def _task_comparison(
+    m: dict[str, float],
+    policy: torch.nn.Module,
+    parent: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    task: Task,
+    prompts: list[HeldoutPrompt],
+    model_cfg: ModelConfig,
+    prefix: str,
+) -> tuple[list[tuple[str, Any, Any]], list[dict[str, Any]]]:
+    """Greedy replies of both models on the task's held-out prompts, judged: mean score, win /
+    tie / loss per prompt, accuracy where the task tells correct replies, reply traits and
+    lengths. Adds the metrics to ``m``; returns the table rows and the per-prompt samples."""
+    mine = greedy_replies(policy, tokenizer, prompts, model_cfg)
+    theirs = greedy_replies(parent, tokenizer, prompts, model_cfg)
+    judge = task.judge()
+    messages = [p.messages for p in prompts]
+    s_mine = judge.score_all(messages, mine)
+    s_theirs = judge.score_all(messages, theirs)
+    del judge  # a reward model: free it before the KL forward passes
+    n = max(len(prompts), 1)
+    wins = sum(a > b for a, b in zip(s_mine, s_theirs))
+    ties = sum(a == b for a, b in zip(s_mine, s_theirs))
+    losses = sum(a < b for a, b in zip(s_mine, s_theirs))
+    judged = [task.correct(s) for s in s_mine]
+    judges_correctness = bool(prompts) and None not in judged
+    rows: list[tuple[str, Any, Any]] = []
+    if judges_correctness:
+        c_mine = [bool(task.correct(s)) for s in s_mine]
+        c_theirs = [bool(task.correct(s)) for s in s_theirs]
+        m.update(
+            {
+                f"{prefix}/policy_accuracy": sum(c_mine) / n,
+                f"{prefix}/parent_accuracy": sum(c_theirs) / n,
+                f"{prefix}/accuracy_delta": (sum(c_mine) - sum(c_theirs)) / n,
+            }
+        )
+        rows.append(
+            ("greedy accuracy", m[f"{prefix}/parent_accuracy"], m[f"{prefix}/policy_accuracy"])
+        )
+    m.update(
+        {
+            f"{prefix}/win_rate": wins / n,
+            f"{prefix}/tie_rate": ties / n,
+            f"{prefix}/loss_rate": losses / n,
+        }
+    )
+    for flag, has_it in task.reply_flags().items():
+        m[f"{prefix}/policy_{flag}_rate"] = sum(map(has_it, mine)) / n
+        m[f"{prefix}/parent_{flag}_rate"] = sum(map(has_it, theirs)) / n
+        rows.append(
+            (f"{flag} rate", m[f"{prefix}/parent_{flag}_rate"], m[f"{prefix}/policy_{flag}_rate"])
+        )
+    tok = [len(tokenizer(r)["input_ids"]) for r in mine]
+    tok_parent = [len(tokenizer(r)["input_ids"]) for r in theirs]
+    m.update(
+        {
+            f"{prefix}/policy_response_chars": sum(map(len, mine)) / n,
+            f"{prefix}/parent_response_chars": sum(map(len, theirs)) / n,
+            f"{prefix}/policy_response_tokens": sum(tok) / n,
+            f"{prefix}/parent_response_tokens": sum(tok_parent) / n,
+            f"{prefix}/num_prompts": float(len(prompts)),
+            # The judge's mean score (the RM's reward on a user's task; the toy's accuracy).
+            f"{prefix}/policy_reward": sum(s_mine) / n,
+            f"{prefix}/parent_reward": sum(s_theirs) / n,
+        }
+    )
+    if not judges_correctness:
+        rows.append(
+            ("mean reward (judge)", m[f"{prefix}/parent_reward"], m[f"{prefix}/policy_reward"])
+        )
+    rows += [
+        (
+            "response length (chars)",
+            m[f"{prefix}/parent_response_chars"],
+            m[f"{prefix}/policy_response_chars"],
+        ),
+        (
+            "response length (tokens)",
+            m[f"{prefix}/parent_response_tokens"],
+            m[f"{prefix}/policy_response_tokens"],
+        ),
+        ("win / tie / loss", None, f"{wins} / {ties} / {losses} of {len(prompts)}"),
+    ]
+    if judges_correctness:
+        samples = [
+            {
+                "prompt": p.text,
+                **p.fields,
+                "reply": a,
+                "correct": bool(task.correct(sa)),
+                "parent_reply": b,
+                "parent_correct": bool(task.correct(sb)),
+            }
+            for p, a, b, sa, sb in zip(prompts, mine, theirs, s_mine, s_theirs)
+        ]
+    else:
+        samples = [
+            {
+                "prompt": p.text,
+                **p.fields,
+                "reply": a,
+                "score": sa,
+                "parent_reply": b,
+                "parent_score": sb,
+            }
+            for p, a, b, sa, sb in zip(prompts, mine, theirs, s_mine, s_theirs)
+        ]
+    return rows, samples
+
+
 def compare_with_parent(
     policy: torch.nn.Module,
     parent: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     *,
-    toy_cfg: ToyTaskConfig | None,
+    task: Task | None,
     model_cfg: ModelConfig,
     heldout_pairs: Sequence[dict[str, Any]] = (),
     num_kl_samples: int = 64,
@@ -264,8 +361,8 @@ def compare_with_parent(
 ) -> Comparison:
     """Score ``policy`` against ``parent`` (see the module docstring); nothing is trained.
 
-    ``toy_cfg=None`` skips the task metrics (accuracy, win rate, KL prompts come from the
-    held-out pairs then); ``heldout_pairs`` empty skips the preference metrics.
+    ``task=None`` skips the task metrics (reward, win rate, accuracy; the KL prompts come from
+    the held-out pairs then); ``heldout_pairs`` empty skips the preference metrics.
     """
     m: dict[str, float] = {}
     rows: list[tuple[str, Any, Any]] = []
@@ -274,72 +371,13 @@ def compare_with_parent(
     bar = tqdm(steps, desc=f"compare {policy_name} vs {parent_name}", disable=not is_main_process())
     kl_prompts: list[Messages] = []
     for step in bar:
-        if step == "greedy" and toy_cfg is not None:
-            problems = toy.eval_prompts(toy_cfg)
-            mine = greedy_replies(policy, tokenizer, problems, model_cfg)
-            theirs = greedy_replies(parent, tokenizer, problems, model_cfg)
-            s_mine = [toy.judge(p, r) for p, r in zip(problems, mine)]
-            s_theirs = [toy.judge(p, r) for p, r in zip(problems, theirs)]
-            n = max(len(problems), 1)
-            wins = sum(a > b for a, b in zip(s_mine, s_theirs))
-            ties = sum(a == b for a, b in zip(s_mine, s_theirs))
-            losses = sum(a < b for a, b in zip(s_mine, s_theirs))
-            tok = [len(tokenizer(r)["input_ids"]) for r in mine]
-            tok_parent = [len(tokenizer(r)["input_ids"]) for r in theirs]
-            m.update(
-                {
-                    f"{prefix}/policy_accuracy": sum(s_mine) / n,
-                    f"{prefix}/parent_accuracy": sum(s_theirs) / n,
-                    f"{prefix}/accuracy_delta": (sum(s_mine) - sum(s_theirs)) / n,
-                    f"{prefix}/win_rate": wins / n,
-                    f"{prefix}/tie_rate": ties / n,
-                    f"{prefix}/loss_rate": losses / n,
-                    f"{prefix}/policy_evasive_rate": sum(
-                        r.strip().startswith(toy.EVASIVE_REPLY[:8]) for r in mine
-                    )
-                    / n,
-                    f"{prefix}/parent_evasive_rate": sum(
-                        r.strip().startswith(toy.EVASIVE_REPLY[:8]) for r in theirs
-                    )
-                    / n,
-                    f"{prefix}/policy_response_chars": sum(map(len, mine)) / n,
-                    f"{prefix}/parent_response_chars": sum(map(len, theirs)) / n,
-                    f"{prefix}/policy_response_tokens": sum(tok) / n,
-                    f"{prefix}/parent_response_tokens": sum(tok_parent) / n,
-                    f"{prefix}/num_prompts": float(len(problems)),
-                }
+        if step == "greedy" and task is not None:
+            prompts = task.heldout_prompts()
+            task_rows, samples = _task_comparison(
+                m, policy, parent, tokenizer, task, prompts, model_cfg, prefix
             )
-            rows += [
-                ("greedy accuracy", m[f"{prefix}/parent_accuracy"], m[f"{prefix}/policy_accuracy"]),
-                (
-                    "evasive rate",
-                    m[f"{prefix}/parent_evasive_rate"],
-                    m[f"{prefix}/policy_evasive_rate"],
-                ),
-                (
-                    "response length (chars)",
-                    m[f"{prefix}/parent_response_chars"],
-                    m[f"{prefix}/policy_response_chars"],
-                ),
-                (
-                    "response length (tokens)",
-                    m[f"{prefix}/parent_response_tokens"],
-                    m[f"{prefix}/policy_response_tokens"],
-                ),
-                ("win / tie / loss", None, f"{wins} / {ties} / {losses} of {len(problems)}"),
-            ]
-            samples = [
-                {
-                    "prompt": p.prompt,
-                    "answer": p.answer,
-                    "reply": a,
-                    "correct": bool(sa),
-                    "parent_reply": b,
-                    "parent_correct": bool(sb),
-                }
-                for p, a, b, sa, sb in zip(problems, mine, theirs, s_mine, s_theirs)
-            ]
-            kl_prompts = [p.messages() for p in problems]
+            rows += task_rows
+            kl_prompts = [p.messages for p in prompts]
         elif step == "kl" and num_kl_samples > 0:
             if not kl_prompts:
                 kl_prompts = [

@@ -32,7 +32,7 @@ from trl.chat_template_utils import get_training_chat_template, has_generation_m
 from data_recipes.accounting import RowAccount
 from data_recipes.pairs import PairSet
 from data_recipes.preference_formats import content_hash
-from data_recipes.sft_data import SftRows, dataset_hash
+from data_recipes.sft_data import SftRows
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ def sft_rows_to_train(
         **sft.info,
         **account.as_manifest(),
         "max_length": max_length,
-        "content_hash": dataset_hash(rows),
+        "content_hash": content_hash(rows),  # the one row hasher, as for preference rows
     }
     return rows, info
 

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedTokenizerBase
+from trl.trainer.utils import pad
 
 from stages.core.model_sources import CONTEXT_KEYS
 from stages.core.runtime import is_main_process
@@ -99,44 +100,50 @@ def fit_sequence(
     return prompt, response
 
 
+def chat_ids(
+    tokenizer: PreTrainedTokenizerBase, messages: Messages, *, add_generation_prompt: bool = False
+) -> list[int]:
+    """Token ids of chat messages rendered with the tokenizer's chat template: the one
+    chat-tokenisation path of generation, scoring, comparison and PPO."""
+    encoded = tokenizer.apply_chat_template(
+        messages, tokenize=True, add_generation_prompt=add_generation_prompt, return_dict=True
+    )
+    return list(encoded["input_ids"])
+
+
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: Messages | str) -> list[int]:
+    """Token ids a reply is generated after: chat messages with the generation prompt, or a
+    plain-text prompt tokenised as is."""
+    if isinstance(prompt, str):
+        return list(tokenizer(prompt)["input_ids"])
+    return chat_ids(tokenizer, prompt, add_generation_prompt=True)
+
+
 def render_prompts(
     tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Messages], max_prompt_length: int
 ) -> list[list[int]]:
     """Token ids of each chat prompt, keeping its *last* max_prompt_length tokens."""
-    rendered = []
-    for messages in prompts:
-        ids = tokenizer.apply_chat_template(
-            messages, tokenize=True, add_generation_prompt=True, return_dict=False
-        )
-        if isinstance(ids, dict):  # some tokenizers return a BatchEncoding regardless
-            ids = ids["input_ids"]
-        rendered.append(list(ids)[-max_prompt_length:])
-    return rendered
+    return [prompt_ids(tokenizer, messages)[-max_prompt_length:] for messages in prompts]
 
 
 def left_pad(batch: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(input_ids, attention_mask)`` with each row's tokens at the right end: for
     generation, which continues from the last column."""
-    return _pad(batch, pad_id, left=True)
+    return _pad(batch, pad_id, side="left")
 
 
 def right_pad(batch: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(input_ids, attention_mask)`` with each row starting at position 0, as in training:
     for scoring whole sequences (log-probs, rewards)."""
-    return _pad(batch, pad_id, left=False)
+    return _pad(batch, pad_id, side="right")
 
 
 def _pad(
-    batch: Sequence[Sequence[int]], pad_id: int, *, left: bool
+    batch: Sequence[Sequence[int]], pad_id: int, *, side: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(ids) for ids in batch)
-    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, ids in enumerate(batch):
-        if ids:
-            columns = slice(width - len(ids), width) if left else slice(0, len(ids))
-            input_ids[row, columns] = torch.tensor(list(ids), dtype=torch.long)
-            attention[row, columns] = 1
+    rows = [torch.tensor(list(ids), dtype=torch.long) for ids in batch]
+    input_ids = pad(rows, padding_value=pad_id, padding_side=side)
+    attention = pad([torch.ones_like(row) for row in rows], padding_value=0, padding_side=side)
     return input_ids, attention
 
 

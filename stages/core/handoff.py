@@ -1,6 +1,6 @@
 """Stage handoff: run directories, manifests, the DONE marker and the parent resolver.
 
-Contract (shared/DESIGN.md)::
+Contract (docs/contracts.md)::
 
     runs/<experiment>/<stage>/
       final/          save_pretrained output (model or adapter + tokenizer)
@@ -42,6 +42,8 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from stages.config_files import CONF_DIR
 
 log = logging.getLogger(__name__)
 
@@ -336,13 +338,28 @@ class ParentStage:
         }
 
 
-EXPERIMENT_BUNDLES = Path(__file__).resolve().parents[2] / "conf" / "experiment"
+EXPERIMENT_BUNDLES = CONF_DIR / "experiment"
 # Overrides that say how *this* stage runs, not how its parent was built: a hint for the
 # parent drops them (a stage.* knob of DPO does not even exist for SFT).
 _HOW_TO_RUN = ("force", "rerun_stale", "dry_run", "objective", "hydra", "sweep")
 _NOT_FOR_PARENT = ("stage", *_HOW_TO_RUN)
-# Data a stage reads (see schema.data_files_needed): a parent's hint keeps only its own.
-_DATA_OF_STAGE = {"sft": ("data.sft.",), "rm": ("data.pairs.",), "dpo": ("data.pairs.",)}
+# Data keys of each kind of data a stage reads (StageSpec.reads): a parent's hint keeps only
+# its own (a stage that reads prompts, PPO, may need any data key).
+_DATA_KEYS_OF = {
+    "sft": ("data.sft.",),
+    "pairs": ("data.pairs.",),
+    "labelled": ("data.pairs.",),
+    "prompts": ("data.",),
+}
+
+
+def _data_keys_of(stage: str) -> tuple[str, ...]:
+    from stages.core.stage_spec import stage_spec
+
+    spec = stage_spec(stage)
+    if spec is None or not spec.reads or "prompts" in spec.reads:
+        return ("data.",)
+    return tuple(dict.fromkeys(p for kind in spec.reads for p in _DATA_KEYS_OF[kind]))
 
 
 def make_target(
@@ -404,7 +421,7 @@ def invoked_with(overrides: list[str]) -> Iterator[None]:
 def _carried_to(stage: str, key: str, value: str, overrides: list[str]) -> bool:
     if key.split(".")[0].split("/")[0] in _NOT_FOR_PARENT:
         return False
-    own = _DATA_OF_STAGE.get(stage, ("data.",))
+    own = _data_keys_of(stage)
     if key.startswith("data.") and not key.startswith(("data.toy.", *own)):
         return False
     if key == "data" and value == "file":  # data=file: keep it only with this stage's file

@@ -1,4 +1,5 @@
-"""All model loading, in one place: full weights, LoRA, QLoRA, and parent checkpoints.
+"""All model loading, in one place: full weights, peft adapters (on a full-precision or a
+4-bit base), and parent checkpoints. Adapter configs and weights: ``stages.core.adapters``.
 
 A stage asks for a *trainable* model given the experiment config and (optionally) its parent
 stage; this module decides how to build it:
@@ -6,7 +7,7 @@ stage; this module decides how to build it:
 =================  =====================================================================
 parent             what gets built
 =================  =====================================================================
-none (SFT)         base model -> full weights, or a fresh LoRA adapter (4-bit base for QLoRA)
+none (SFT)         base model -> full weights, or a fresh adapter (4-bit base: quantize=4bit)
 full checkpoint    the parent's weights become the base -> full, or a fresh adapter
 adapter, continue  the parent's base + the parent adapter, trainable (DPO: TRL keeps a frozen
                    copy of it as the reference, so reference = SFT policy)
@@ -31,15 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import (
-    LoraConfig,
-    PeftModel,
-    get_peft_model,
-    prepare_model_for_kbit_training,
-    set_peft_model_state_dict,
-)
-from peft.utils import get_peft_model_state_dict
-from safetensors.torch import load_file
+from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -49,10 +42,24 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from stages.core.adapters import (
+    build_peft_config,
+    continue_adapter,
+    continue_as_seq_cls,
+    stage_peft_config,
+)
 from stages.core.handoff import HandoffError, ParentStage, check_same_base
 from stages.core.model_sources import check_model_source
 from stages.core.runtime import Precision, is_main_process, main_process_first
-from stages.core.schema import ConfigError, ModelConfig, PathsConfig, PeftConfig
+from stages.core.schema import (
+    ADAPTER_METHODS,
+    ConfigError,
+    ModelConfig,
+    PathsConfig,
+    PeftConfig,
+    method_of_kind,
+    parent_adapter_problem,
+)
 from stages.core.tiny_model import ensure_tiny_model, spec_hash
 
 log = logging.getLogger(__name__)
@@ -138,24 +145,13 @@ def compute_dtype(peft_cfg: PeftConfig, precision: Precision) -> torch.dtype:
 
 
 def quantization_config(peft_cfg: PeftConfig, precision: Precision) -> BitsAndBytesConfig | None:
-    if peft_cfg.kind != "qlora":
+    if peft_cfg.quantize != "4bit":
         return None
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=peft_cfg.bnb_4bit_quant_type,
         bnb_4bit_use_double_quant=peft_cfg.bnb_4bit_use_double_quant,
         bnb_4bit_compute_dtype=compute_dtype(peft_cfg, precision),
-    )
-
-
-def lora_config(peft_cfg: PeftConfig, model_cfg: ModelConfig, task: str) -> LoraConfig:
-    return LoraConfig(
-        r=peft_cfg.r,
-        lora_alpha=peft_cfg.alpha,
-        lora_dropout=peft_cfg.dropout,
-        target_modules=list(peft_cfg.target_modules or model_cfg.lora_target_modules),
-        task_type="CAUSAL_LM" if task == "causal_lm" else "SEQ_CLS",
-        # SEQ_CLS adapters save the new score head through modules_to_save automatically.
     )
 
 
@@ -170,7 +166,7 @@ def load_pretrained(
     pad_token_id: int | None,
 ) -> PreTrainedModel:
     """``path`` as a causal LM or a 1-label sequence classifier (``task``), in the stage's
-    precision, 4-bit NF4 for peft=qlora; no adapter attached."""
+    precision, 4-bit NF4 for peft.quantize=4bit; no adapter attached."""
     quant = quantization_config(peft_cfg, precision)
     kwargs: dict[str, Any] = {
         "revision": revision,
@@ -255,7 +251,7 @@ class LoadedModel:
 
     model: PreTrainedModel | PeftModel
     base: BaseModelRef  # the pretrained weights the trained parameters sit on
-    kind: str  # full | lora | qlora
+    kind: str  # the manifest's checkpoint kind: PeftConfig.checkpoint_kind()
     provenance: dict[str, Any]  # how it was built (parent adapter continued / merged, ...)
 
 
@@ -336,74 +332,56 @@ def load_trainable_model(
         weights_base = BaseModelRef(id=base.id, path=str(parent.final_dir.resolve()))
         provenance["parent_weights"] = "full"
     elif parent_adapter == "continue":
-        if peft_cfg.kind == "none":
+        if peft_cfg.method == "none":
             raise HandoffError(
                 f"parent '{parent.stage}' is a {parent.kind} adapter but peft=none: set "
                 f"stage.parent_adapter=merge to train full weights, or use peft={parent.kind}"
             )
+        problem = parent_adapter_problem(stage, parent.stage, parent.kind, peft_cfg.method)
+        if problem:  # before any weights load
+            raise HandoffError(problem)
+        four_bit = peft_cfg.quantize == "4bit"
         if task != "causal_lm":
             # A new head on the parent's adapter (e.g. a QLoRA reward model on the SFT adapter):
             # same base, so PPO can later host policy, reference, reward and value on one base.
             model = load_pretrained(base.path, revision=base.revision, **load)
-            model = _seq_cls_adapter_from(model, parent.final_dir)
-            if peft_cfg.kind == "qlora":
+            model = continue_as_seq_cls(model, parent.final_dir)
+            if four_bit:
                 keep_4bit_backward(model)
             provenance["parent_adapter"] = "continued_as_seq_cls"
             log.info("reward head on the %s adapter of %s", parent.kind, parent.final_dir)
-            return LoadedModel(model, base, peft_cfg.kind, provenance)
+            return LoadedModel(model, base, peft_cfg.checkpoint_kind(), provenance)
         model = load_pretrained(base.path, revision=base.revision, **load)
-        if peft_cfg.kind == "qlora":
+        if four_bit:
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-        model = PeftModel.from_pretrained(model, str(parent.final_dir), is_trainable=True)
-        if peft_cfg.kind == "qlora":
+        model = continue_adapter(model, parent.final_dir)
+        if four_bit:
             keep_4bit_backward(model)
         provenance["parent_adapter"] = "continued"
         log.info("continuing %s adapter from %s", parent.kind, parent.final_dir)
-        return LoadedModel(model, base, peft_cfg.kind, provenance)
+        return LoadedModel(model, base, peft_cfg.checkpoint_kind(), provenance)
     else:  # merge
+        problem = parent_adapter_problem(stage, parent.stage, parent.kind, None)
+        if problem:  # before any weights load
+            raise HandoffError(problem)
         merged = _merged_parent_dir(parent, run_dir, model_cfg, precision)
         model = load_pretrained(merged, revision=None, **load)
         weights_base = BaseModelRef(id=base.id, path=str(merged.resolve()))
         provenance["parent_adapter"] = "merged"
 
-    if peft_cfg.kind == "none":
+    if peft_cfg.method == "none":
         return LoadedModel(model, weights_base, "full", provenance)
-    if peft_cfg.kind == "qlora" and task == "causal_lm":
+    if peft_cfg.quantize == "4bit" and task == "causal_lm":
         # Not for seq_cls: this upcasts the final norm to fp32, while TRL casts the trainable
         # score head (like the adapters) to bf16 on a 4-bit base, so the head's matmul would
         # mix dtypes. Without it everything outside the 4-bit weights stays in the compute
         # dtype, exactly as a plain reload of the adapter runs (get_peft_model freezes the base).
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    model = get_peft_model(model, lora_config(peft_cfg, model_cfg, task))
-    if peft_cfg.kind == "qlora":
+    model = get_peft_model(model, build_peft_config(peft_cfg, task, model.config.model_type))
+    if peft_cfg.quantize == "4bit":
         keep_4bit_backward(model)
     provenance["fresh_adapter"] = True
-    return LoadedModel(model, weights_base, peft_cfg.kind, provenance)
-
-
-def _seq_cls_adapter_from(model: PreTrainedModel, adapter_dir: Path) -> PeftModel:
-    """A trainable SEQ_CLS LoRA on ``model`` whose LoRA weights start as the causal-LM adapter
-    in ``adapter_dir`` (same rank and targets); the score head starts fresh and is saved
-    through modules_to_save like any SEQ_CLS adapter."""
-    config = LoraConfig.from_pretrained(str(adapter_dir))
-    config.task_type = "SEQ_CLS"
-    config.inference_mode = False
-    config.modules_to_save = None  # peft adds the `score` head for SEQ_CLS
-    # The parent's config names the base it was saved against (for QLoRA its 4-bit copy);
-    # here it goes onto ``model``, and save_final records the real base again.
-    config.base_model_name_or_path = None
-    peft_model = get_peft_model(model, config)
-    weights = load_file(str(adapter_dir / "adapter_model.safetensors"))
-    # peft's loader also expects the (fresh) score head, which the parent adapter lacks.
-    state = {k: v for k, v in get_peft_model_state_dict(peft_model).items() if ".lora_" not in k}
-    result = set_peft_model_state_dict(peft_model, {**state, **weights})
-    unfilled = [k for k in result.missing_keys if ".lora_" in k]
-    if unfilled or result.unexpected_keys:
-        raise HandoffError(
-            f"{adapter_dir}: the adapter does not fit this model's layers (missing "
-            f"{unfilled[:2]}, unexpected {list(result.unexpected_keys)[:2]})"
-        )
-    return peft_model
+    return LoadedModel(model, weights_base, peft_cfg.checkpoint_kind(), provenance)
 
 
 def keep_4bit_backward(model: torch.nn.Module) -> None:
@@ -469,7 +447,7 @@ def save_final(
     if isinstance(model, PeftModel):
         adapter_base = loaded.base.path
         quant = getattr(model.get_base_model().config, "quantization_config", None)
-        if loaded.kind == "qlora" and quant is not None:
+        if quant is not None:  # a 4-bit base
             adapter_base = str(quantized_base_copy(loaded.base, quant, final_dir.parent.parent))
         for adapter_cfg in model.peft_config.values():
             adapter_cfg.base_model_name_or_path = adapter_base
@@ -494,23 +472,19 @@ def load_stage_model(
 ) -> PreTrainedModel | PeftModel:
     """A finished stage's ``final/`` as a frozen causal LM in eval mode, for sampling and eval.
 
-    full -> the saved weights; lora/qlora -> the base it was trained on (the manifest's
+    full -> the saved weights; an adapter kind -> the base it was trained on (the manifest's
     ``base_model.path``: the pretrained base, or a full / merged parent) plus the adapter,
-    the base in 4-bit NF4 for qlora. ``peft_cfg`` only supplies the 4-bit settings; None
-    uses the stage's own (from its manifest), which is what reproduces it exactly.
+    the base in 4-bit NF4 for a 4-bit kind. ``peft_cfg`` only supplies the 4-bit settings;
+    None uses the stage's own (from its manifest), which is what reproduces it exactly.
     """
-    if peft_cfg is None or peft_cfg.kind != stage.kind:
-        saved = stage.manifest.get("config", {}).get("peft") or {"kind": stage.kind}
-        if stage.kind == "full":
-            saved = {**saved, "kind": "none"}
-        peft_cfg = PeftConfig(**saved)
+    peft_cfg = stage_peft_config(stage, peft_cfg)
     load = dict(
         task="causal_lm", model_cfg=model_cfg, peft_cfg=peft_cfg, precision=precision,
         pad_token_id=None,
     )  # fmt: skip
     if stage.kind == "full":
         model = load_pretrained(stage.final_dir, revision=None, **load)
-    elif stage.kind in ("lora", "qlora"):
+    elif method_of_kind(stage.kind)[0] in ADAPTER_METHODS:
         base = stage.base_model
         model = load_pretrained(base["path"], revision=base.get("revision"), **load)
         model = PeftModel.from_pretrained(model, str(stage.final_dir), is_trainable=False)

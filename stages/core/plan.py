@@ -67,7 +67,9 @@ def build_plan(raw: DictConfig, overrides: list[str] | None = None) -> Plan:
         f"run dir:    {run_dir} ({plan.state})",
         f"base model: {cfg.model.name_or_path}"
         + (f" @ {cfg.model.revision}" if cfg.model.revision else ""),
-        f"peft:       {cfg.peft.kind}, precision={cfg.precision}, seed={cfg.seed}",
+        f"peft:       {cfg.peft.method}"
+        + (f" on a {cfg.peft.quantize} base" if cfg.peft.quantize != "none" else "")
+        + f", precision={cfg.precision}, seed={cfg.seed}",
     ]
     for parent in _parents_of(cfg):
         _add_parent(plan, cfg, parent, overrides)
@@ -85,8 +87,7 @@ def check_startable(raw: DictConfig, overrides: list[str]) -> None:
     from stages.core.schema import data_files_needed
 
     for key, path in data_files_needed(cfg):
-        fmt = cfg.data.sft.format if key.startswith("data.sft") else cfg.data.pairs.format
-        _detect_format(key, Path(str(path)), fmt, iter_rows)
+        _detect_format(key, Path(str(path)), _format_of(cfg, key), iter_rows, stage=cfg.stage.name)
     for parent in _parents_of(cfg):
         run_dir = handoff.stage_dir(cfg.paths.runs_root, cfg.experiment_name, parent)
         if not handoff.is_done(run_dir):
@@ -94,6 +95,26 @@ def check_startable(raw: DictConfig, overrides: list[str]) -> None:
                 handoff.resolve_parent(
                     cfg.paths.runs_root, cfg.experiment_name, parent, child=cfg.stage.name
                 )
+        elif parent == cfg.stage.parent and (problem := _parent_adapter_problem(cfg, run_dir)):
+            raise HandoffError(problem)
+
+
+def _parent_adapter_problem(cfg: Config, parent_dir: Path) -> str | None:
+    """A parent adapter this stage cannot continue (or merge) with its peft.method: from the
+    parent's manifest, before any weights load (stages.core.schema.parent_adapter_problem)."""
+    import json
+
+    from stages.core.schema import parent_adapter_problem
+    from stages.core.stage_spec import stage_spec
+
+    spec = stage_spec(cfg.stage.name)
+    if spec is None or not spec.trains or cfg.peft.method == "none":
+        return None
+    kind = json.loads((parent_dir / handoff.MANIFEST).read_text()).get("kind", "full")
+    continues = cfg.stage.parent_adapter == "continue"
+    return parent_adapter_problem(
+        cfg.stage.name, cfg.stage.parent, kind, cfg.peft.method if continues else None
+    )
 
 
 def _state(cfg: Config, run_dir: Path) -> str:
@@ -106,16 +127,28 @@ def _state(cfg: Config, run_dir: Path) -> str:
 
 
 def _parents_of(cfg: Config) -> list[str]:
+    from stages.core.stage_spec import stage_spec
+    from stages.core.task import JUDGE_REWARD_STAGE
+
+    spec = stage_spec(cfg.stage.name)
     parents = [cfg.stage.parent] if cfg.stage.parent else []
     reward = getattr(cfg.stage, "reward_stage", None)  # PPO scores with this RM stage
     if reward:
         parents.append(reward)
-    if cfg.stage.name == "dpo" and (
-        cfg.data.pairs.source == "on_policy" and cfg.data.pairs.judge == "reward_model"
+    target = getattr(cfg.stage, "target", None)  # eval compares this stage with its parent
+    if target:
+        parents.append(target)
+    is_judge = cfg.stage.name == JUDGE_REWARD_STAGE
+    if (
+        spec is not None
+        and "pairs" in spec.reads
+        and not is_judge
+        and (cfg.data.pairs.source == "on_policy" and cfg.data.pairs.judge == "reward_model")
     ):
-        parents.append("rm")  # its pairs are judged by this experiment's reward model
-    if cfg.stage.name == "eval":
-        parents.append(cfg.stage.target)
+        parents.append(JUDGE_REWARD_STAGE)  # its pairs are judged by this experiment's RM
+    compares = spec is not None and (spec.parent == "policy" or not spec.trains)
+    if compares and not is_judge and cfg.data.task_source() == "file":
+        parents.append(JUDGE_REWARD_STAGE)  # the user's task is judged by the experiment's RM
     return list(dict.fromkeys(parents))
 
 
@@ -136,27 +169,35 @@ def _add_parent(plan: Plan, cfg: Config, parent: str, overrides: list[str] | Non
         f"parent:     {parent} {found.run_dir} (manifest sha256 {found.manifest_sha256[:12]}, "
         f"{found.kind})"
     )
+    if parent == cfg.stage.parent and (problem := _parent_adapter_problem(cfg, found.run_dir)):
+        plan.blockers.append(problem)
 
 
 def _add_data(plan: Plan, cfg: Config) -> None:
     from data_recipes.rows import DataFormatError, iter_rows
+    from stages.core.stage_spec import stage_spec
 
     data, stage = cfg.data, cfg.stage.name
-    if stage == "sft":
+    spec = stage_spec(stage)
+    reads = spec.reads if spec is not None else ()
+    if "sft" in reads:
         if data.sft.source == "toy":
             plan.lines.append(f"data:       toy task, {data.toy.num_train} demonstrations")
-    elif stage in ("rm", "dpo", "ppo") and data.pairs.source == "on_policy":
-        what = "prompts" if stage == "ppo" else "pairs sampled from the sft policy"
-        judge = "" if stage == "ppo" else f", judged by {data.pairs.judge}"
-        plan.lines.append(f"data:       toy task {what}{judge}")
-    elif stage == "eval":
+    elif ("pairs" in reads or "prompts" in reads) and data.pairs.source == "on_policy":
+        pairs = "pairs" in reads
+        what = "pairs sampled from the sft policy" if pairs else "prompts"
+        judge = f", judged by {data.pairs.judge}" if pairs else ""
+        task = "toy task" if data.task_source() == "toy" else f"prompts of {data.prompts.path}:"
+        plan.lines.append(f"data:       {task} {what}{judge}")
+    elif spec is not None and not spec.trains:
         plan.lines.append(f"data:       {data.toy.num_eval} held-out toy prompts")
     from stages.core.schema import data_files_needed
 
     for key, path in data_files_needed(cfg):
-        fmt = data.sft.format if key.startswith("data.sft") else data.pairs.format
         try:
-            detected = _detect_format(key, Path(str(path)), fmt, iter_rows)
+            detected = _detect_format(
+                key, Path(str(path)), _format_of(cfg, key), iter_rows, stage=stage
+            )
         except DataFormatError as err:
             plan.lines.append(f"data:       {key}={path}: UNREADABLE")
             plan.blockers.append(str(err))
@@ -164,7 +205,20 @@ def _add_data(plan: Plan, cfg: Config) -> None:
         plan.lines.append(f"data:       {key}={path} (format {detected})")
 
 
-def _detect_format(key: str, path: Path, fmt: str, iter_rows) -> str:
+def _format_of(cfg: Config, key: str) -> str:
+    """The format setting of the file at ``key`` (data.sft / data.pairs / data.prompts)."""
+    return getattr(cfg.data, key.split(".")[1]).format
+
+
+def _detect_format(key: str, path: Path, fmt: str, iter_rows, *, stage: str = "") -> str:
+    from stages.core.stage_spec import stage_spec
+
+    spec = stage_spec(stage)
+    if spec is not None and "labelled" in spec.reads and key == "data.pairs.path":
+        from data_recipes.unpaired import LABELLED_FORMAT, is_labelled_file
+
+        if is_labelled_file(path, fmt):
+            return LABELLED_FORMAT
     from data_recipes.formats import (
         SFT_FORMATS,
         check_detected,
@@ -172,10 +226,12 @@ def _detect_format(key: str, path: Path, fmt: str, iter_rows) -> str:
         unknown_format_error,
     )
     from data_recipes.preference_formats import PREFERENCE_FORMATS, detect_preference_format
+    from data_recipes.prompts import PROMPT_FORMATS, detect_prompt_format
 
-    sft = key.startswith("data.sft")
-    detect = detect_sft_format if sft else detect_preference_format
-    formats = SFT_FORMATS if sft else PREFERENCE_FORMATS
+    detect, formats = {
+        "data.sft.path": (detect_sft_format, SFT_FORMATS),
+        "data.prompts.path": (detect_prompt_format, PROMPT_FORMATS),
+    }.get(key, (detect_preference_format, PREFERENCE_FORMATS))
     if fmt != "auto" and fmt not in formats:
         raise unknown_format_error(fmt, formats)
     file_format = None

@@ -43,11 +43,12 @@ import torch
 from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from stages.core.generation import context_length, right_pad
+from stages.core.adapters import ADAPTER_CONFIG, stage_peft_config
+from stages.core.generation import chat_ids, context_length, right_pad
 from stages.core.handoff import HandoffError, ParentStage, make_target, resolve_parent
 from stages.core.models import BASE_MODEL_FILE, load_pretrained, load_tokenizer
 from stages.core.runtime import Precision
-from stages.core.schema import ModelConfig, PeftConfig
+from stages.core.schema import ModelConfig, PeftConfig, method_of_kind
 
 if TYPE_CHECKING:
     from data_recipes.pairs import Judge
@@ -56,15 +57,8 @@ Messages = list[dict[str, str]]
 Prompt = Messages | str
 Reply = Messages | str
 
-ADAPTER_CONFIG = "adapter_config.json"
-
 
 # -------------------------------------------------------------------------- tokenising
-
-
-def _chat_ids(tokenizer: PreTrainedTokenizerBase, messages: Messages) -> list[int]:
-    ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)
-    return list(ids["input_ids"])
 
 
 def encode_reply(tokenizer: PreTrainedTokenizerBase, prompt: Prompt, reply: Reply) -> list[int]:
@@ -87,7 +81,7 @@ def encode_reply(tokenizer: PreTrainedTokenizerBase, prompt: Prompt, reply: Repl
     if not isinstance(prompt, list) or not all(isinstance(m, dict) for m in prompt):
         raise ValueError(f"prompt must be chat messages or a string, got {prompt!r:.80}")
     turns = [{"role": "assistant", "content": reply}] if isinstance(reply, str) else list(reply)
-    return _chat_ids(tokenizer, [*prompt, *turns])
+    return chat_ids(tokenizer, [*prompt, *turns])
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -203,8 +197,9 @@ class RewardScorer:
         return both[: len(rows)], both[len(rows) :]
 
     def as_judge(self) -> Judge:
-        """This scorer as the ``reward_model`` judge of `data_recipes.pairs.generate_pairs`."""
-        from data_recipes.pairs import Judge  # data_recipes imports stages.core: import late
+        """This scorer as a judge: of on-policy pairs (`stages.core.on_policy_pairs`) and of
+        a user's task (`stages.tasks.prompt_file`)."""
+        from data_recipes.pairs import Judge
 
         return Judge(
             name=self.name,
@@ -231,15 +226,6 @@ def resolve_reward_stage(
             f"`{make_target(reward_stage, experiment, 'force=true')}`"
         )
     return rm
-
-
-def _stage_peft(stage: ParentStage, peft_cfg: PeftConfig | None) -> PeftConfig:
-    """The 4-bit settings an adapter RM was trained with (its manifest), unless given."""
-    if peft_cfg is not None and peft_cfg.kind == stage.kind:
-        return peft_cfg
-    saved = dict(stage.manifest.get("config", {}).get("peft") or {"kind": stage.kind})
-    saved["kind"] = "none" if stage.kind == "full" else stage.kind
-    return PeftConfig(**saved)
 
 
 def _check_reward_checkpoint(final_dir: Path, kind: str) -> None:
@@ -284,8 +270,8 @@ def load_reward_model_dir(
     if pad_token_id is None:  # the classifier needs it to find each row's last real token
         pad_token_id = load_tokenizer(final_dir, model_cfg).pad_token_id
     _check_reward_checkpoint(final_dir, kind)
-    if kind != "full" and peft_cfg.kind != kind:
-        raise ValueError(f"{final_dir} is a {kind} adapter but peft.kind={peft_cfg.kind!r}")
+    if kind != "full" and method_of_kind(kind)[0] != peft_cfg.method:
+        raise ValueError(f"{final_dir} is a {kind} adapter but peft.method={peft_cfg.method!r}")
     load = dict(
         task="seq_cls", model_cfg=model_cfg, peft_cfg=peft_cfg, precision=precision,
         pad_token_id=pad_token_id,
@@ -317,15 +303,15 @@ def load_reward_model(
 ) -> PreTrainedModel | PeftModel:
     """A finished RM stage as a 1-label sequence classifier.
 
-    full -> ``AutoModelForSequenceClassification`` from ``final/``; lora/qlora -> the RM's
-    base (``stage.base_model["path"]``, 4-bit NF4 for qlora) + the SEQ_CLS adapter. The 4-bit
+    full -> ``AutoModelForSequenceClassification`` from ``final/``; an adapter -> the RM's
+    base (``stage.base_model["path"]``, 4-bit NF4 for a 4-bit kind) + the SEQ_CLS adapter. The 4-bit
     settings default to the RM's own (its manifest), which reproduces its scores.
 
     ``trainable=False``: frozen, eval mode (the reward role). ``trainable=True``: a fresh,
     independent copy in train mode whose full weights, or adapter + score head, require grad
     (the value role, initialised from the RM). Call twice for reward + value.
     """
-    peft = _stage_peft(stage, peft_cfg)
+    peft = stage_peft_config(stage, peft_cfg)
     return load_reward_model_dir(stage.final_dir, model_cfg, peft, precision, trainable=trainable)
 
 

@@ -12,16 +12,24 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from accelerate.utils import get_cpu_distributed_information
 from transformers import set_seed
+
+# Rank and world size are accelerate's reading of the launcher's variables (torchrun /
+# `accelerate launch` / MPI / our submitit export), the one PartialState itself uses for
+# them, not `PartialState()`: constructing that joins the process group, a rendezvous every
+# rank must reach, which a rank check before the trainer or on one rank's error path must
+# not do. `main_process_first` below does build PartialState, at a point every rank reaches.
 
 
 def is_main_process() -> bool:
     """Rank 0 of an `accelerate launch` / torchrun job, or a plain single process."""
-    return int(os.environ.get("RANK", "0")) == 0
+    return get_cpu_distributed_information().rank == 0
 
 
 def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    """Processes in this job (1 for a plain single process)."""
+    return get_cpu_distributed_information().world_size
 
 
 def adopt_submitit_ranks() -> None:

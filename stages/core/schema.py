@@ -25,7 +25,15 @@ from stages.core.bounds import SEED, Bound, at_least, out_of_bounds, positive, u
 from stages.core.run_paths import run_path_problems
 from stages.core.stage_spec import stage_names, stage_spec
 
-PEFT_KINDS = ("none", "lora", "qlora")
+# peft.method: "none" trains every weight; the others are peft adapters.
+PEFT_METHODS = ("none", "lora", "dora", "ia3", "prefix", "prompt")
+ADAPTER_METHODS = PEFT_METHODS[1:]
+PROMPT_METHODS = ("prefix", "prompt")  # virtual tokens: no adapted layers, nothing to merge
+# Adapter methods that train on a 4-bit base. Not ia3: peft's 4-bit IA3 layer returns fp32
+# activations that the bf16 layers after it reject once the model is reloaded for inference.
+FOUR_BIT_METHODS = ("lora", "dora", "prefix", "prompt")
+QUANTIZE_CHOICES = ("none", "4bit")
+ALL_LINEAR = "all-linear"  # peft's shorthand for every linear layer but the output head
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
@@ -123,18 +131,6 @@ class ModelConfig:
     max_length: int = 128  # max tokens of prompt + response in training; longer rows are truncated
     max_prompt_length: int = 64  # max prompt tokens at generation time (left-truncated)
     max_new_tokens: int = 16  # generation budget for eval and sampling; longer costs more time
-    # LoRA targets for this architecture; the peft group may override them.
-    lora_target_modules: list[str] = field(
-        default_factory=lambda: [
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ]
-    )
 
     PREFIX = "model."
     BOUNDS = {
@@ -170,27 +166,99 @@ class ModelConfig:
 
 @dataclass
 class PeftConfig:
-    """How weights are trained: all of them, a LoRA adapter, or LoRA on a 4-bit base."""
+    """What is trained (``method``: all weights or a peft adapter) and on what base
+    (``quantize``: full precision or 4-bit). ``peft=qlora`` is method=lora + quantize=4bit."""
 
-    kind: str = "none"  # none = full weights; lora = adapters; qlora = NF4 4-bit base + adapters
-    r: int = 16  # LoRA rank: more capacity and memory per adapted layer
-    alpha: int = 32  # LoRA scale numerator (scale = alpha / r)
-    dropout: float = 0.0  # LoRA dropout; regularises but makes PPO/DPO log-probs noisy
-    target_modules: list[str] | None = None  # None = model.lora_target_modules
-    bnb_4bit_quant_type: str = "nf4"  # 4-bit data type: nf4 (QLoRA paper) or fp4
-    # Quantise the quantisation constants too (~0.4 bit/param saved).
+    # none = every weight (most capacity, a full copy per stage); lora = low-rank adapters;
+    # dora = LoRA + a learned magnitude per output (closer to full tuning, ~2x slower steps);
+    # ia3 = one learned scale per activation (fewest parameters, least capacity);
+    # prefix = trained key/value prefixes in every layer; prompt = trained input tokens only
+    # (prefix/prompt: tiny adapters, but every sequence is num_virtual_tokens longer).
+    method: str = "none"
+    # none = base in the stage precision; 4bit = NF4 base (bitsandbytes): ~4x less memory for
+    # the frozen weights, slower matmuls. Needs an adapter method (4-bit weights are frozen).
+    quantize: str = "none"
+    # lora/dora/ia3: the layers adapted. "all-linear" = every linear layer but the output head
+    # (peft picks them for any architecture); or an explicit list such as [q_proj, v_proj].
+    target_modules: Any = "all-linear"
+    r: int = 16  # lora/dora rank: more capacity and memory per adapted layer
+    alpha: int = 32  # lora/dora scale numerator (scale = alpha / r)
+    dropout: float = 0.0  # lora/dora dropout; regularises but makes PPO/DPO log-probs noisy
+    # ia3: layers scaled on their input (the MLP's down projection) instead of their output;
+    # None = peft's default for the architecture (an unknown architecture needs a list).
+    ia3_feedforward_modules: list[str] | None = None
+    # prefix/prompt: trained virtual tokens; more = more capacity, longer sequences.
+    num_virtual_tokens: int = 16
+    bnb_4bit_quant_type: str = "nf4"  # quantize=4bit data type: nf4 (QLoRA paper) or fp4
+    # quantize=4bit: quantise the quantisation constants too (~0.4 bit/param saved).
     bnb_4bit_use_double_quant: bool = True
     # Dtype of the 4-bit matmuls: auto = bf16 (CPU needs it; fp32 mixes dtypes and fails).
     bnb_4bit_compute_dtype: str = "auto"
 
     PREFIX = "peft."
-    BOUNDS = {"r": at_least(1), "alpha": positive(), "dropout": unit_interval(high_inclusive=False)}
+    BOUNDS = {
+        "r": at_least(1),
+        "alpha": positive(),
+        "dropout": unit_interval(high_inclusive=False),
+        "num_virtual_tokens": at_least(1),
+    }
 
     def __post_init__(self) -> None:
-        check_choice("peft.kind", self.kind, PEFT_KINDS)
+        check_choice("peft.method", self.method, PEFT_METHODS)
+        check_choice("peft.quantize", self.quantize, QUANTIZE_CHOICES)
+        if self.quantize == "4bit" and self.method == "none":
+            report_problem(
+                "peft.quantize=4bit needs an adapter method: 4-bit weights cannot be trained "
+                f"directly. Set peft.method to one of {list(ADAPTER_METHODS)} (peft=qlora is "
+                "lora on a 4-bit base), or peft.quantize=none"
+            )
+        elif self.quantize == "4bit" and self.method not in FOUR_BIT_METHODS:
+            report_problem(
+                f"peft.method={self.method} does not train on a 4-bit base (peft.quantize=4bit); "
+                f"the methods that do: {list(FOUR_BIT_METHODS)}. Use peft.quantize=none with "
+                f"{self.method}, or e.g. peft=qlora"
+            )
+        targets = self.target_modules
+        if not (
+            targets == ALL_LINEAR
+            or (
+                isinstance(targets, list | tuple)
+                and targets
+                and all(isinstance(t, str) and t for t in targets)
+            )
+        ):
+            report_problem(
+                f"peft.target_modules={targets!r} must be {ALL_LINEAR!r} (every linear layer "
+                "but the output head) or a non-empty list of module names, e.g. "
+                "peft.target_modules=[q_proj,v_proj]"
+            )
         check_choice("peft.bnb_4bit_quant_type", self.bnb_4bit_quant_type, ("nf4", "fp4"))
         check_choice("peft.bnb_4bit_compute_dtype", self.bnb_4bit_compute_dtype, PRECISIONS)
         check_bounds(self, self.PREFIX, self.BOUNDS)
+
+    def checkpoint_kind(self) -> str:
+        """The ``kind`` a stage trained with this config records in its manifest."""
+        return checkpoint_kind(self.method, self.quantize)
+
+
+def checkpoint_kind(method: str, quantize: str) -> str:
+    """Manifest ``kind`` of a (method, quantize) pair: full, lora, qlora (lora + 4bit), dora,
+    ia3, prefix, prompt, or <method>-4bit for the other adapters on a 4-bit base."""
+    if method == "none":
+        return "full"
+    if quantize == "none":
+        return method
+    return "qlora" if method == "lora" else f"{method}-{quantize}"
+
+
+def method_of_kind(kind: str) -> tuple[str, str]:
+    """(peft.method, peft.quantize) of a manifest ``kind`` (inverse of checkpoint_kind)."""
+    if kind == "full":
+        return "none", "none"
+    if kind == "qlora":
+        return "lora", "4bit"
+    method, _, quantize = kind.partition("-")
+    return method, quantize or "none"
 
 
 # ------------------------------------------------------------------------------ data
@@ -304,6 +372,36 @@ class PairsConfig:
         check_bounds(self, self.PREFIX, self.BOUNDS)
 
 
+TASK_SOURCES = ("auto", "toy", "file", "none")
+
+
+@dataclass
+class PromptsConfig:
+    """The task's prompts: PPO's and on-policy pairs' training prompts, and the held-out prompts
+    every stage's comparison with its parent is judged on (`stages.core.task`)."""
+
+    # auto = file when data.prompts.path is set, else toy when data.sft.source=toy or
+    # data.pairs.source=on_policy, else none; toy = the embedded addition task (rule judge);
+    # file = your prompts, judged by this experiment's RM (make rm); none = no task metrics.
+    source: str = "auto"
+    path: str | None = None  # JSONL / JSON / Parquet: prompt-only, SFT or preference rows
+    format: str = "auto"  # auto-detect, or prompt | any SFT format | any preference format
+    num_heldout: int = 16  # file prompts held out (never trained on) for the comparison
+    seed: int = 0  # seed of the file's train / held-out split (a keyed hash per prompt)
+
+    PREFIX = "data.prompts."
+    BOUNDS = {"num_heldout": at_least(1), "seed": SEED}
+
+    def __post_init__(self) -> None:
+        check_choice("data.prompts.source", self.source, TASK_SOURCES)
+        check_bounds(self, self.PREFIX, self.BOUNDS)
+        if self.source == "file" and not self.path:
+            report_problem(
+                "data.prompts.source=file needs data.prompts.path=<your prompt file (.jsonl, "
+                ".json or .parquet)>"
+            )
+
+
 @dataclass
 class DataConfig:
     """Data recipes for every stage of an experiment."""
@@ -312,6 +410,7 @@ class DataConfig:
     toy: ToyTaskConfig = field(default_factory=ToyTaskConfig)  # the embedded addition task
     sft: SFTDataConfig = field(default_factory=SFTDataConfig)  # demonstrations for SFT
     pairs: PairsConfig = field(default_factory=PairsConfig)  # comparisons for DPO and the RM
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)  # the task's prompts
     # Warn when more than this share of the rows read is dropped (too long, duplicate, ...).
     max_dropped_fraction: float = 0.2
 
@@ -320,6 +419,24 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         check_bounds(self, self.PREFIX, self.BOUNDS)
+        source = self.task_source()
+        if source == "file" and self.pairs.source == "on_policy" and self.pairs.judge == "toy":
+            report_problem(
+                "data.pairs.judge=toy only scores the embedded 'What is A + B?' prompts, but the "
+                f"task's prompts come from data.prompts.path={self.prompts.path!r}: use "
+                "data.pairs.judge=reward_model (this experiment's RM, make rm) or "
+                "data.pairs.source=file"
+            )
+
+    def task_source(self) -> str:
+        """``data.prompts.source`` with ``auto`` resolved: toy, file or none."""
+        if self.prompts.source != "auto":
+            return self.prompts.source
+        if self.prompts.path:
+            return "file"
+        if self.sft.source == "toy" or self.pairs.source == "on_policy":
+            return "toy"  # the rule the comparison has always followed
+        return "none"
 
 
 # ---------------------------------------------------------------------------- stages
@@ -336,14 +453,17 @@ class StageConfig:
     parent_adapter: str = "continue"
     learning_rate: float = 1e-4  # peak LR; LoRA tolerates ~10x the full-weight LR
     max_steps: int = 100  # optimiser steps; the main time/quality knob
-    per_device_batch_size: int = 32  # rows per device per micro-batch; bounded by memory
-    gradient_accumulation_steps: int = 1  # micro-batches per step: bigger effective batch
-    lr_scheduler: str = "cosine"  # transformers scheduler name
+    # Rows (pairs for DPO / the RM) per device per micro-batch; lower it (and raise
+    # gradient_accumulation_steps) if memory is short.
+    per_device_batch_size: int = 32
+    # Micro-batches per step: effective batch = per_device_batch_size * this * world size.
+    gradient_accumulation_steps: int = 1
+    lr_scheduler: str = "cosine"  # transformers scheduler name; cosine decays to 0 by max_steps
     warmup_ratio: float = 0.05  # share of steps spent warming the LR up
     weight_decay: float = 0.0  # AdamW decoupled weight decay
     max_grad_norm: float = 1.0  # gradient clipping norm
-    logging_steps: int = 10  # log every N steps
-    save_steps: int = 200  # checkpoint every N steps (resume point)
+    logging_steps: int = 20  # log the loss every N steps
+    save_steps: int = 200  # checkpoint every N steps so an interrupted run resumes
     save_total_limit: int = 2  # keep the newest N checkpoints
     num_eval_samples_logged: int = 4  # eval samples printed to the log at stage end
     # Any extra TRL/transformers training argument, passed through verbatim and validated by
@@ -422,7 +542,7 @@ class Config:
 
     stage: Any = MISSING  # one of the stage schemas above, picked by the `stage` group
     model: ModelConfig = MISSING  # base model shared by every stage of the experiment
-    peft: PeftConfig = MISSING  # full weights, LoRA or QLoRA
+    peft: PeftConfig = MISSING  # full weights or an adapter method, full-precision or 4-bit base
     data: DataConfig = MISSING  # data recipes
     tracking: TrackingConfig = MISSING  # W&B or none
     paths: PathsConfig = field(default_factory=PathsConfig)  # where runs live
@@ -455,6 +575,8 @@ class Config:
             report_problem(f"stage.parent={stage.parent!r} is not one of {stage_names()}")
         if spec.parent == "policy" and stage.parent is None:
             report_problem(f"stage {stage.name} needs a parent stage (stage.parent=sft)")
+        if self.peft.method not in spec.peft_methods:
+            report_problem(peft_method_problem(stage.name, self.peft.method, spec.peft_methods))
         for key, path in data_files_needed(self):
             _check_data_file(key, path)
         if "fp16" in (self.precision, self.peft.bnb_4bit_compute_dtype) and not _has_cuda():
@@ -465,6 +587,56 @@ class Config:
             )
 
 
+def peft_method_problem(stage: str, method: str, methods: tuple[str, ...]) -> str:
+    """The compose-time message for a peft.method that stage ``stage`` cannot train with."""
+    # Each method has a preset of the same name in conf/peft/ (qlora = lora on a 4-bit base).
+    example = next((m for m in methods if m != "none"), methods[0])
+    return (
+        f"peft.method={method} does not work for stage {stage}; the methods that do: "
+        f"{list(methods)}. Pick one of them, e.g. `alignpipe stage={stage} peft={example}`"
+    )
+
+
+def kind_preset(kind: str) -> str:
+    """The peft overrides that train a checkpoint of manifest ``kind`` (e.g. peft=qlora)."""
+    method, quantize = method_of_kind(kind)
+    if kind in ("full", "lora", "qlora") or quantize == "none":
+        return f"peft={kind if kind != 'full' else 'none'}"
+    return f"peft={method} peft.quantize={quantize}"
+
+
+def parent_adapter_problem(
+    stage: str, parent: str, parent_kind: str, method: str | None
+) -> str | None:
+    """Why stage ``stage`` cannot start from the ``parent_kind`` output of ``parent``: with
+    ``method`` (peft.method) it continues the parent's adapter, with None it merges it."""
+    parent_method, _ = method_of_kind(parent_kind)
+    if parent_method == "none":
+        return None
+    if method is None:
+        if parent_method in PROMPT_METHODS:
+            return (
+                f"stage {stage}: the {parent_method} adapter of parent '{parent}' adds virtual "
+                "tokens, not weights, so stage.parent_adapter=merge cannot merge it into the "
+                f"base. Continue it instead: stage.parent_adapter=continue "
+                f"{kind_preset(parent_kind)}"
+            )
+        return None
+    if method != parent_method:
+        merge = (
+            ""
+            if parent_method in PROMPT_METHODS  # nothing to merge
+            else f", or stage.parent_adapter=merge to train a fresh {method} adapter on the "
+            "merged parent"
+        )
+        return (
+            f"stage {stage} would continue the {parent_method} adapter of parent '{parent}' "
+            f"with peft.method={method}; an adapter is continued with its own method. Use "
+            f"{kind_preset(parent_kind)} (the parent's){merge}"
+        )
+    return None
+
+
 def data_files_needed(cfg: Config) -> list[tuple[str, str | None]]:
     """(key, path) of each data file the stage reads, from its spec's ``reads``: SFT its
     demonstrations, DPO / RM / PPO their pairs (PPO: prompts), eval nothing of its own."""
@@ -473,8 +645,12 @@ def data_files_needed(cfg: Config) -> list[tuple[str, str | None]]:
     needed: list[tuple[str, str | None]] = []
     if "sft" in reads and data.sft.source == "file":
         needed.append(("data.sft.path", data.sft.path))
-    if ("pairs" in reads or "prompts" in reads) and data.pairs.source == "file":
+    # PPO's prompts come from the pairs file unless the task has its own prompt file.
+    prompts_from_pairs = "prompts" in reads and data.task_source() != "file"
+    if ("pairs" in reads or prompts_from_pairs) and data.pairs.source == "file":
         needed.append(("data.pairs.path", data.pairs.path))
+    if data.task_source() == "file" and data.prompts.path:  # every stage's comparison reads it
+        needed.append(("data.prompts.path", data.prompts.path))
     return needed
 
 

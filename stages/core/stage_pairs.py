@@ -1,6 +1,6 @@
 """The preference pairs a training stage (DPO, RM) uses: a local file, or its parent policy's
-own samples judged by rule or by this experiment's reward model, generated once per
-experiment and cached (`data_recipes.pairs`)."""
+own samples on the task's training prompts, judged by rule or by this experiment's reward
+model, generated once per experiment and cached (`stages.core.on_policy_pairs`)."""
 
 from __future__ import annotations
 
@@ -11,15 +11,15 @@ from data_recipes import pairs as pair_recipes
 from stages.core.data_accounting import preference_pairs_to_train
 from stages.core.handoff import ParentStage, pairs_cache_root
 from stages.core.models import load_stage_model
+from stages.core.on_policy_pairs import generate_pairs
 from stages.core.reward_scoring import resolve_reward_stage, reward_model_judge
+from stages.core.schema import ConfigError
+from stages.core.task import JUDGE_REWARD_STAGE, Task, resolve_task
 
 if TYPE_CHECKING:
     import torch
 
     from stages.core.lifecycle import StageRun
-
-# The stage whose reward model judges the pairs under data.pairs.judge=reward_model.
-JUDGE_REWARD_STAGE = "rm"
 
 
 def pair_judge_stage(stage: StageRun) -> ParentStage | None:
@@ -38,17 +38,23 @@ def pair_judge_stage(stage: StageRun) -> ParentStage | None:
 
 
 def stage_preference_pairs(
-    stage: StageRun, tokenizer: Any, policy: torch.nn.Module | None = None
+    stage: StageRun,
+    tokenizer: Any,
+    policy: torch.nn.Module | None = None,
+    task: Task | None = None,
 ) -> pair_recipes.PairSet:
     """Train / held-out pairs for ``stage`` from ``data.pairs``, without the train pairs
     longer than ``model.max_length`` (counted, logged, and recorded in the manifest).
 
-    On-policy pairs sample the parent stage's policy: pass it as ``policy`` when the stage
-    keeps it anyway (DPO's reference); otherwise it is loaded here and freed afterwards.
-    The reward-model judge, if configured, is loaded here and freed afterwards too.
+    On-policy pairs sample the parent stage's policy on ``task``'s training prompts (default:
+    the task of ``data.prompts``): pass the policy as ``policy`` when the stage keeps it
+    anyway (DPO's reference); otherwise it is loaded here and freed afterwards. The
+    reward-model judge, if configured, is loaded here and freed afterwards too. No pair, from
+    a file or sampled, has one of the task's held-out prompts.
     """
     c = stage.cfg
-    pairs = _source_pairs(stage, tokenizer, policy)
+    task = task if task is not None else resolve_task(c)
+    pairs = _source_pairs(stage, tokenizer, policy, task)
     # The trainer's limit: stage.trainer_overrides win over model.max_length, as in its args.
     max_length = c.stage.trainer_overrides.get("max_length", c.model.max_length)
     return preference_pairs_to_train(
@@ -57,13 +63,19 @@ def stage_preference_pairs(
 
 
 def _source_pairs(
-    stage: StageRun, tokenizer: Any, policy: torch.nn.Module | None
+    stage: StageRun, tokenizer: Any, policy: torch.nn.Module | None, task: Task | None
 ) -> pair_recipes.PairSet:
     c, parent = stage.cfg, stage.parent
     assert parent is not None  # preference stages always have a parent
     pairs_cfg = c.data.pairs
     if pairs_cfg.source == "file":
-        return pair_recipes.file_pairs(pairs_cfg, pair_recipes.toy_eval_prompt_keys(c.data.toy))
+        return pair_recipes.file_pairs(pairs_cfg, task.heldout_keys() if task else set())
+    if task is None:
+        raise ConfigError(
+            "data.pairs.source=on_policy samples the task's training prompts, but "
+            "data.prompts.source=none: set data.prompts.path=<your prompt file> (or "
+            "data.prompts.source=toy), or use data.pairs.source=file"
+        )
     judge_stage = pair_judge_stage(stage)
     judge = None
     if judge_stage is not None:
@@ -72,11 +84,11 @@ def _source_pairs(
         parent, c.model, c.peft, stage.precision
     )  # fmt: skip
     try:
-        return pair_recipes.generate_pairs(
+        return generate_pairs(
             sampler,
             tokenizer,
             pairs_cfg=pairs_cfg,
-            toy_cfg=c.data.toy,
+            task=task,
             model_cfg=c.model,
             policy_id=parent.as_manifest_ref(),
             cache_root=pairs_cache_root(c.paths.runs_root, c.experiment_name),

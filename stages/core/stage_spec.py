@@ -12,9 +12,13 @@ from dataclasses import dataclass
 from typing import Any
 
 # What a stage reads: its parent's output ("policy": a trained policy it starts from), and which
-# data (SFT demonstrations, preference pairs, prompts).
+# data: SFT demonstrations, preference pairs, replies labelled good / bad (in the pairs file's
+# place: data.pairs.path), prompts.
 PARENT_KINDS = ("none", "policy")
-DATA_KINDS = ("sft", "pairs", "prompts")
+DATA_KINDS = ("sft", "pairs", "labelled", "prompts")
+# peft.method values a stage may declare (stages.core.schema.PEFT_METHODS; kept here too so
+# this module imports nothing).
+KNOWN_PEFT_METHODS = ("none", "lora", "dora", "ia3", "prefix", "prompt")
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,12 @@ class StageSpec:
     reads: tuple[str, ...] = ()  # data kinds it reads (DATA_KINDS); their files are checked early
     trains: bool = True  # False for stages that only evaluate (no weights of their own)
     summary: str = ""  # one line for `alignpipe --help`
+    # (legend name, marker, colour) of its runs on the reward-KL frontier of `make compare` /
+    # `make frontier`; None = not plotted there (the reference and the RM are not policies).
+    frontier: tuple[str, str, str] | None = None
+    # peft.method values this stage can train with; any other fails at compose time, naming
+    # these. Default: every method (a stage that only evaluates loads whatever it is given).
+    peft_methods: tuple[str, ...] = KNOWN_PEFT_METHODS
 
     def __post_init__(self) -> None:
         if self.parent not in PARENT_KINDS:
@@ -35,6 +45,12 @@ class StageSpec:
         unknown = set(self.reads) - set(DATA_KINDS)
         if unknown:
             raise ValueError(f"StageSpec {self.name}: reads {sorted(unknown)} not in {DATA_KINDS}")
+        unknown = set(self.peft_methods) - set(KNOWN_PEFT_METHODS)
+        if unknown or not self.peft_methods:
+            raise ValueError(
+                f"StageSpec {self.name}: peft_methods {list(self.peft_methods)} must be a "
+                f"non-empty subset of {KNOWN_PEFT_METHODS}"
+            )
 
 
 _SPECS: dict[str, StageSpec] = {}

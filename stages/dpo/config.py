@@ -11,15 +11,17 @@ from stages.core.schema import StageConfig
 @dataclass
 class DPOStageConfig(StageConfig):
     name: str = "dpo"
-    parent: str | None = "sft"
-    learning_rate: float = 2e-4
-    max_steps: int = 600
+    parent: str | None = "sft"  # reference = the frozen SFT policy
+    learning_rate: float = 2e-4  # far below SFT's: DPO moves a trained policy
+    max_steps: int = 300  # steps of per_device_batch_size pairs (~5 epochs of the toy pairs)
     beta: float = 0.1  # KL strength: lower lets the policy drift further from the reference
     # sigmoid (DPO), ipo, hinge, robust, ... (any TRL loss_type); ipo wants a smaller beta.
     loss_type: str = "sigmoid"
     label_smoothing: float = 0.0  # conservative DPO: assumed share of flipped labels
     precompute_ref_log_probs: bool = False  # one ref pass up front: saves memory, costs a pass
-    sft_weight: float = 0.0  # + weight * NLL of the chosen replies (RPO); 0 = plain DPO
+    # + weight * NLL of the chosen replies (RPO, Pang et al. 2024); 0 = plain DPO, which lowers
+    # chosen and rejected likelihoods together and broke easy toy prompts (docs/tuning.md).
+    sft_weight: float = 1.0
 
     BOUNDS = {
         **StageConfig.BOUNDS,

@@ -12,7 +12,8 @@ from stages.core.schema import StageConfig
 class EvalStageConfig(StageConfig):
     name: str = "eval"
     target: str = "dpo"  # stage to evaluate; it is compared with its own parent
-    num_kl_samples: int = 64  # policy samples used to estimate KL(policy || parent)
+    # Policy samples used to estimate KL(policy || parent): more = tighter, slower.
+    num_kl_samples: int = 64
     temperature: float = 1.0  # sampling temperature for the KL estimate
 
     BOUNDS = {**StageConfig.BOUNDS, "num_kl_samples": at_least(1), "temperature": positive()}

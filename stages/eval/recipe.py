@@ -1,7 +1,7 @@
 """Eval stage: compare a finished stage's output with its parent's (`stage.target`, default dpo).
 
 Recipe: resolve the target stage and, from its manifest, the parent it was trained from ->
-load both final/ checkpoints frozen -> `compare_with_parent` on the held-out toy prompts and
+load both final/ checkpoints frozen -> `compare_with_parent` on the task's held-out prompts and
 the target's held-out pairs -> print the table -> runs/<exp>/eval/ with metrics.json, the
 manifest (naming both checkpoints by manifest sha256), eval_samples.jsonl, DONE.
 
@@ -22,15 +22,16 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from stages.core import handoff
-from stages.core.comparison import compare_with_parent, task_config
+from stages.core.comparison import compare_with_parent
 from stages.core.handoff import HandoffError, ParentStage, StaleStageError
 from stages.core.lifecycle import StageRun
 from stages.core.models import load_stage_model, load_tokenizer
 from stages.core.schema import validate_config
+from stages.core.stage_steps import HELDOUT_PAIRS
+from stages.core.task import stage_task
 
 log = logging.getLogger(__name__)
 
-HELDOUT_PAIRS = "heldout_pairs.jsonl"  # written by the preference stages next to their manifest
 REPORT = "comparison.txt"
 
 
@@ -97,6 +98,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             )
         stage.add_upstream(target)
         stage.add_upstream(parent)
+        task = stage_task(stage, parent)  # a user's task: judged by the RM trained on parent
 
         # 2. The target's held-out pairs (if it has any), read before any weights load, then
         #    both checkpoints, frozen.
@@ -115,7 +117,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             policy,
             parent_model,
             tokenizer,
-            toy_cfg=task_config(c.data),
+            task=task,
             model_cfg=c.model,
             heldout_pairs=heldout,
             num_kl_samples=knobs.num_kl_samples,

@@ -291,7 +291,8 @@ PPO_BOUNDS: dict[str, Bound] = {
 @dataclass
 class PPOStageConfig(PPOHyperparams, StageConfig):
     """PPO knobs (rollout, KL, GAE, clipping, optimiser: ``stages.ppo.config.PPOHyperparams``,
-    each documented there) plus how the stage wires its four roles."""
+    each documented there) plus how the stage wires its four roles. The knobs the stage tunes
+    away from trl's defaults are redeclared at the end, each with its reason."""
 
     name: str = "ppo"
     parent: str | None = "sft"
@@ -308,6 +309,18 @@ class PPOStageConfig(PPOHyperparams, StageConfig):
     share_base: bool = True  # with qlora: one 4-bit base for all four roles
     num_prompts: int = 4096  # distinct training prompts (toy train pool or the pairs file)
     seed: int | None = None  # PPO's own seed (prompt order, sampling); None = the run's seed
+
+    # Knobs the stage tunes for the embedded tiny model, away from trl 1.12's defaults above
+    # (docs/tuning.md has the measurements; on real models start from trl's).
+    num_minibatches: int = 2  # optimiser steps per PPO epoch (32 rows each)
+    total_updates: int = 200  # the main time/quality knob (~1 s per update on 2 CPU cores)
+    response_length: int = 16  # toy answers are a few tokens; the evasion is 15 + EOS
+    # Not trl's 0.7: the tiny QLoRA SFT policy is nearly flat, so at 0.7 it samples noise.
+    temperature: float = 0.3
+    # Not trl's 0.05: this RM rewards any 3-digit number, and at 0.05 PPO exploits it.
+    kl_coef: float = 1.0
+    learning_rate: float = 1e-4  # the tiny model's; real models want ~100x less
+    save_steps: int = 50  # checkpoint every N updates so an interrupted run resumes
 
     # PPO's own knobs are range-checked by PPOHyperparams.ppo_problems (PPO_BOUNDS).
     BOUNDS = {"num_prompts": at_least(1), "num_eval_samples_logged": at_least(0)}

@@ -1,8 +1,9 @@
 """PPO losses and the per-token quantities they are built from.
 
-Owns: log-probs of chosen tokens at a sampling temperature, entropy from logits, the clipped
-policy-ratio loss and the clipped value loss, each reduced over valid response tokens only
-(``mask``) and returned with the diagnostics trl 1.12.0 logged (clip fractions, approx KL).
+Owns: log-probs of chosen tokens at a sampling temperature (trl's ``selective_log_softmax`` on
+fp32 logits), the clipped policy-ratio loss and the clipped value loss, each reduced over valid
+response tokens only (``mask``) and returned with the diagnostics trl 1.12.0 logged (clip
+fractions, approx KL). Entropy is trl's ``entropy_from_logits``.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
+from trl.trainer.utils import selective_log_softmax
 
 from stages.ppo.advantages import masked_mean
 
@@ -21,19 +22,12 @@ def logprobs_from_logits(
     """log softmax(logits / T)[token] for each position; computed in fp32 for stability.
 
     The temperature must be the sampling temperature: the ratio in the PPO loss compares the
-    policy that *sampled* the tokens (at T) with the policy being trained (at T).
+    policy that *sampled* the tokens (at T) with the policy being trained (at T). The fp32 cast
+    is ours: trl's bf16 path is a different (per-row log_softmax) computation, and on fp32 its
+    result and gradient are bit-identical to the gather - logsumexp we had
+    (tests/test_ppo_math.py pins that).
     """
-    logits = logits.float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    picked = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    return picked - torch.logsumexp(logits, dim=-1)
-
-
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of softmax(logits) at every position: logsumexp(z) - sum(p * z)."""
-    logits = logits.float()
-    return torch.logsumexp(logits, dim=-1) - (F.softmax(logits, dim=-1) * logits).sum(-1)
+    return selective_log_softmax(logits.float(), tokens, temperature)
 
 
 @dataclass

@@ -2,20 +2,21 @@
 
 Recipe: resolve the SFT parent and the RM stage (both through their manifests; the RM must
 have been trained on this SFT) -> PPO knobs (validated with the config) -> tokenised training
-prompts (toy train pool, or the prompts of a pairs file; eval prompts never) -> the four
-roles -> our PPOTrainer under accelerate, resuming from the last checkpoint -> save final/ ->
-compare the policy with the SFT parent on held-out prompts -> manifest, DONE. A rerun after a
-failure past training loads final/ and only compares.
+prompts (the task's: the toy train pool or your prompt file; else a pairs file's; held-out
+prompts never) -> the four roles -> our PPOTrainer under accelerate, resuming from the last
+checkpoint -> save final/ -> compare the policy with the SFT parent on the task's held-out
+prompts -> manifest, DONE. A rerun after a failure past training loads final/ and only
+compares.
 
 Roles (``stages.ppo.roles``), by ``peft``:
 
 - none: policy = SFT full weights (trained); reference = a frozen second copy; reward =
   the RM; value = a trainable copy of the RM (``stage.value_from=reward``) or the SFT weights
   with a fresh head (``policy``).
-- lora (and qlora with ``share_base=false``): the same four models, the policy continuing the
+- lora / dora (and peft.quantize=4bit with ``share_base=false``): the same four models, the policy continuing the
   SFT adapter (``parent_adapter=continue``, reference = a frozen load of the SFT adapter) or
   a fresh adapter on the merged SFT weights (``merge``, reference = adapters disabled).
-- qlora with ``share_base=true``: ONE 4-bit base and four adapters. With the default RM
+- peft.quantize=4bit (qlora) with ``share_base=true``: ONE 4-bit base and four adapters. With the default RM
   (its SEQ_CLS adapter started from the SFT adapter, on the same base): policy = the SFT
   adapter (trained), ref = a frozen copy of it, reward = the RM adapter (frozen), value = a
   trained copy of the RM adapter. With an RM on the merged SFT (``rm`` with
@@ -39,7 +40,8 @@ from omegaconf import DictConfig
 from peft import PeftModel
 
 from data_recipes import pairs as pair_recipes
-from stages.core.comparison import compare_with_parent, task_config
+from stages.core.adapters import build_peft_config
+from stages.core.generation import prompt_ids
 from stages.core.handoff import ParentStage
 from stages.core.lifecycle import StageRun
 from stages.core.models import (
@@ -50,7 +52,6 @@ from stages.core.models import (
     load_stage_model,
     load_tokenizer,
     load_trainable_model,
-    lora_config,
     quantization_config,
     quantized_base_copy,
     resolve_base_model,
@@ -60,6 +61,8 @@ from stages.core.reward_scoring import load_reward_model
 from stages.core.reward_scoring import resolve_reward_stage as reward_stage_of
 from stages.core.runtime import is_main_process, use_cpu
 from stages.core.schema import Config, ConfigError
+from stages.core.stage_steps import compare_and_report, frozen_policy
+from stages.core.task import Task, stage_task
 from stages.ppo.config import PPOHyperparams, PPOStageConfig
 from stages.ppo.roles import PPORoles, SeparateRoles, SharedBaseRoles
 from stages.ppo.trainer import PPOTrainer
@@ -80,38 +83,38 @@ def resolve_reward_stage(c: Config, sft: ParentStage) -> ParentStage:
     rm = reward_stage_of(
         c.paths.runs_root, c.experiment_name, c.stage.reward_stage, sft, child="ppo"
     )
-    rm_peft = "none" if rm.kind == "full" else rm.kind
-    if rm_peft != c.peft.kind:
+    if rm.kind != c.peft.checkpoint_kind():
         raise ConfigError(
-            f"peft={c.peft.kind} but the reward model in {rm.run_dir} is {rm.kind}: run every "
-            f"stage of an experiment with the same peft (make sft rm ppo EXP=...)"
+            f"peft.method={c.peft.method} peft.quantize={c.peft.quantize} but the reward "
+            f"model in {rm.run_dir} is {rm.kind}: run every stage of an experiment with the "
+            f"same peft (make sft rm ppo EXP=...)"
         )
     return rm
 
 
-def training_prompts(c: Config, tokenizer: Any) -> list[list[int]]:
+def training_prompts(c: Config, tokenizer: Any, task: Task | None) -> list[list[int]]:
     """Token ids of the PPO prompts, chat-templated with the generation prompt; left-truncated
-    to ``model.max_prompt_length``. Held-out eval prompts are never among them."""
+    to ``model.max_prompt_length``. The task's held-out prompts are never among them.
+
+    From the prompts of a pairs file (``data.pairs.source=file``, no prompt file), else from
+    the task's training prompts (the toy train pool, or the user's prompt file).
+    """
     pairs_cfg, knobs = c.data.pairs, c.stage
-    if pairs_cfg.source == "file":
-        eval_keys = pair_recipes.toy_eval_prompt_keys(c.data.toy)
-        rows = pair_recipes.file_pairs(pairs_cfg, eval_keys).train
+    if pairs_cfg.source == "file" and c.data.task_source() != "file":
+        held = task.heldout_keys() if task is not None else set()
+        rows = pair_recipes.file_pairs(pairs_cfg, held).train
         seen: dict[str, Any] = {}
         for row in rows:
             seen.setdefault(pair_recipes.prompt_key(row["prompt"]), row["prompt"])
         prompts = list(seen.values())[: knobs.num_prompts]
+    elif task is not None:
+        prompts = task.training_prompts(knobs.num_prompts, c.seed)
     else:
-        prompts = pair_recipes.toy_pair_prompts(c.data.toy, knobs.num_prompts, c.seed)
-    encoded = []
-    for prompt in prompts:
-        if isinstance(prompt, str):
-            ids = tokenizer(prompt)["input_ids"]
-        else:
-            ids = tokenizer.apply_chat_template(
-                prompt, add_generation_prompt=True, tokenize=True, return_dict=True
-            )["input_ids"]
-        encoded.append(list(ids)[-c.model.max_prompt_length :])
-    return encoded
+        raise ConfigError(
+            "PPO needs training prompts: set data.prompts.path=<your prompt file>, or "
+            "data.pairs.source=file with data.pairs.path=<a preference file>"
+        )
+    return [prompt_ids(tokenizer, prompt)[-c.model.max_prompt_length :] for prompt in prompts]
 
 
 @dataclasses.dataclass
@@ -125,7 +128,7 @@ class BuiltRoles:
 
 def build_roles(stage: StageRun, sft: ParentStage, rm: ParentStage) -> BuiltRoles:
     c, knobs = stage.cfg, stage.cfg.stage
-    if c.peft.kind == "qlora" and knobs.share_base:
+    if c.peft.quantize == "4bit" and knobs.share_base:
         return _shared_base_roles(stage, sft, rm)
     loaded = load_trainable_model(
         model_cfg=c.model, peft_cfg=c.peft, paths=c.paths, precision=stage.precision,
@@ -165,12 +168,13 @@ def _shared_base_roles(stage: StageRun, sft: ParentStage, rm: ParentStage) -> Bu
     reference = the base with adapters disabled.
     """
     c, knobs = stage.cfg, stage.cfg.stage
-    if rm.kind != "qlora":
+    if rm.kind != c.peft.checkpoint_kind():
         raise ConfigError(
-            f"stage.share_base=true needs a QLoRA reward model; {rm.run_dir} is {rm.kind}"
+            f"stage.share_base=true needs a {c.peft.checkpoint_kind()} reward model (a 4-bit "
+            f"base); {rm.run_dir} is {rm.kind}"
         )
     rm_base = rm.base_model
-    on_sft_base = sft.kind in ("lora", "qlora") and rm_base["path"] == sft.base_model["path"]
+    on_sft_base = sft.kind != "full" and rm_base["path"] == sft.base_model["path"]
     base = load_pretrained(
         rm_base["path"], revision=rm_base.get("revision"), task="causal_lm",
         model_cfg=c.model, peft_cfg=c.peft, precision=stage.precision, pad_token_id=None,
@@ -179,7 +183,7 @@ def _shared_base_roles(stage: StageRun, sft: ParentStage, rm: ParentStage) -> Bu
         base,
         reward_adapter=rm.final_dir,
         sft_adapter=sft.final_dir if on_sft_base else None,
-        policy_lora=None if on_sft_base else lora_config(c.peft, c.model, "causal_lm"),
+        policy_lora=None if on_sft_base else build_peft_config(c.peft, "causal_lm"),
         value_init=knobs.value_from,
     )
     ref = BaseModelRef(
@@ -187,7 +191,7 @@ def _shared_base_roles(stage: StageRun, sft: ParentStage, rm: ParentStage) -> Bu
         revision=rm_base.get("revision"),
     )  # fmt: skip
     provenance = {"parent_adapter": "continued" if on_sft_base else "merged"}
-    loaded = LoadedModel(roles.model, ref, "qlora", provenance)
+    loaded = LoadedModel(roles.model, ref, c.peft.checkpoint_kind(), provenance)
     description = {
         "layout": "shared_4bit_base",
         "base": rm_base["path"],
@@ -255,7 +259,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     with stage:
         # 1. Tokenizer (with its chat template) from the SFT output, and the prompts.
         tokenizer = load_tokenizer(sft.final_dir, c.model)
-        prompts = training_prompts(c, tokenizer)
+        task = stage_task(stage, sft)  # a user's task is judged by the same RM
+        prompts = training_prompts(c, tokenizer, task)
         log.info("ppo: %d training prompts, %d updates", len(prompts), hyper.num_updates)
 
         built: BuiltRoles | None = None
@@ -306,26 +311,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         metrics: dict[str, Any] = dict(stage.final_record["train_metrics"])
 
         # 5. Compare with the SFT parent on held-out prompts (greedy accuracy, KL, ...).
-        sft_policy = load_stage_model(sft, c.model, c.peft, stage.precision)
+        sft_policy = frozen_policy(stage, sft)
         with (
             built.roles.generation_policy()
             if built is not None  # else an earlier attempt trained and saved final/, then failed
-            else nullcontext(
-                load_stage_model(stage.final_stage(), c.model, c.peft, stage.precision)
-            )
+            else nullcontext(frozen_policy(stage, stage.final_stage()))
         ) as policy:
-            comparison = compare_with_parent(
-                policy, sft_policy, tokenizer, toy_cfg=task_config(c.data), model_cfg=c.model,
-                seed=c.seed, policy_name="ppo", parent_name=sft.stage,
-            )  # fmt: skip
+            comparison = compare_and_report(stage, policy, sft_policy, tokenizer, task, metrics)
         del sft_policy
         gc.collect()
-        metrics.update(comparison.metrics)
-        if "compare/policy_accuracy" in metrics:
-            metrics["eval/accuracy"] = metrics["compare/policy_accuracy"]
-        print(comparison.table, flush=True)
-        if is_main_process():
-            (stage.run_dir / "comparison.txt").write_text(comparison.table + "\n")
 
         # 6. Hand off: metrics.json, manifest.json, DONE.
         stage.finish(

@@ -40,31 +40,33 @@ rollout and the update alike: dropout would make the PPO ratio noisy.
 
 from __future__ import annotations
 
-import json
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+from peft import PeftConfig as AdapterConfig
+from peft import PeftModel, get_peft_model
 from peft.utils import get_peft_model_state_dict
-from safetensors.torch import load_file, save_file
 from torch import nn
+from trl.trainer.utils import disable_dropout_in_model
 
+from stages.core.adapters import (
+    add_adapter_with_weights,
+    causal_lm_copy,
+    read_seq_cls_adapter,
+    save_adapter,
+)
 from stages.core.models import keep_4bit_backward
 from stages.ppo.losses import logprobs_from_logits
 
 POLICY, REFERENCE, REWARD, VALUE = "policy", "ref", "reward", "value"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 
 
 def disable_dropout(model: nn.Module) -> None:
     """Dropout off for good: p=0 on every Dropout (incl. LoRA dropout) and eval mode."""
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
+    disable_dropout_in_model(model)
     model.eval()
 
 
@@ -423,7 +425,7 @@ class SharedBaseRoles(PPORoles):
         *,
         reward_adapter: str | Path,
         sft_adapter: str | Path | None = None,
-        policy_lora: LoraConfig | None = None,
+        policy_lora: AdapterConfig | None = None,
         value_init: str = "reward",
     ) -> SharedBaseRoles:
         """Assemble the shared-base roles from adapter directories.
@@ -439,7 +441,8 @@ class SharedBaseRoles(PPORoles):
                 ``policy`` adapter and is loaded a second time, frozen, as ``ref``. ``None``:
                 SFT was merged into the base, the policy is a fresh ``policy_lora`` adapter and
                 the reference is the base with adapters disabled.
-            policy_lora: LoraConfig of the fresh policy adapter (only with sft_adapter=None).
+            policy_lora: LoRA / DoRA config of the fresh policy adapter (only with
+                sft_adapter=None).
             value_init: "reward" (value adapter + head start as copies of the RM's, the usual
                 choice) or "policy" (value adapter starts as the policy adapter, fresh head).
         """
@@ -456,18 +459,18 @@ class SharedBaseRoles(PPORoles):
                 raise ValueError(
                     "sft_adapter=None (merged SFT) needs policy_lora for a fresh adapter"
                 )
-            model = get_peft_model(base_model, _causal_lm_config(policy_lora), adapter_name=POLICY)
+            model = get_peft_model(base_model, causal_lm_copy(policy_lora), adapter_name=POLICY)
             reference_adapter = None
 
-        rm_config, rm_lora, rm_head = _read_seq_cls_adapter(Path(reward_adapter))
-        _add_adapter_with_weights(model, REWARD, rm_config, rm_lora)
+        rm_config, rm_weights, rm_head = read_seq_cls_adapter(Path(reward_adapter))
+        add_adapter_with_weights(model, REWARD, rm_config, rm_weights)
         reward_head = _linear_from_state(rm_head)
         if value_init == "reward":
-            _add_adapter_with_weights(model, VALUE, rm_config, rm_lora)
+            add_adapter_with_weights(model, VALUE, rm_config, rm_weights)
             value_head = _linear_from_state(rm_head)
         else:
             policy_state = get_peft_model_state_dict(model, adapter_name=POLICY)
-            _add_adapter_with_weights(model, VALUE, model.peft_config[POLICY], policy_state)
+            add_adapter_with_weights(model, VALUE, model.peft_config[POLICY], policy_state)
             value_head = nn.Linear(reward_head.in_features, 1, bias=False)
             std = getattr(model.get_base_model().config, "initializer_range", 0.02)
             nn.init.normal_(value_head.weight, std=std)
@@ -526,78 +529,7 @@ class SharedBaseRoles(PPORoles):
         """Write the policy adapter as a standalone *default* adapter (adapter_config.json +
         adapter_model.safetensors at the top of ``directory``), loadable with
         ``PeftModel.from_pretrained(base, directory)`` like any SFT/DPO output."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        state = get_peft_model_state_dict(self.model, adapter_name=POLICY)
-        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()},
-                  str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})  # fmt: skip
-        config = self.model.peft_config[POLICY]
-        was_inference = config.inference_mode
-        config.inference_mode = True
-        config.save_pretrained(str(directory))
-        config.inference_mode = was_inference
-
-
-# ----------------------------------------------------------------------------- adapter files
-
-
-def _causal_lm_config(config: LoraConfig) -> LoraConfig:
-    """A copy of a LoRA config re-targeted at a causal LM: no heads saved or trained with it."""
-    data = config.to_dict()
-    data.update(task_type="CAUSAL_LM", modules_to_save=None, inference_mode=False)
-    data.pop("peft_type", None)
-    return LoraConfig(**{k: v for k, v in data.items() if k in LoraConfig.__dataclass_fields__})
-
-
-def _read_seq_cls_adapter(
-    directory: Path,
-) -> tuple[LoraConfig, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(causal-LM LoRA config, LoRA weights, score-head weights) of a SEQ_CLS adapter dir."""
-    config_file, weights_file = directory / ADAPTER_CONFIG, directory / ADAPTER_WEIGHTS
-    if not config_file.is_file() or not weights_file.is_file():
-        raise FileNotFoundError(
-            f"{directory} is not a peft adapter directory (needs {ADAPTER_CONFIG} and "
-            f"{ADAPTER_WEIGHTS})"
-        )
-    raw = json.loads(config_file.read_text())
-    if raw.get("peft_type") != "LORA":
-        raise ValueError(f"{config_file}: expected a LoRA adapter, got {raw.get('peft_type')}")
-    config = _causal_lm_config(LoraConfig.from_pretrained(str(directory)))
-    lora, head, other = {}, {}, []
-    for key, tensor in load_file(str(weights_file)).items():
-        if ".lora_" in key:
-            lora[key] = tensor
-        elif key.rsplit(".", 2)[-2] == "score":  # base_model.model.score.{weight,bias}
-            head[key.rsplit(".", 1)[-1]] = tensor
-        else:
-            other.append(key)
-    if other:
-        raise ValueError(f"{weights_file}: weights the shared base cannot host: {other[:5]}")
-    if "weight" not in head or head["weight"].shape[0] != 1:
-        raise ValueError(
-            f"{weights_file}: no 1-output score head; train the RM adapter with "
-            "task_type='SEQ_CLS' and num_labels=1 so peft saves `score` via modules_to_save"
-        )
-    return config, lora, head
-
-
-def _add_adapter_with_weights(
-    model: PeftModel, name: str, config: LoraConfig, state: dict[str, torch.Tensor]
-) -> None:
-    """Add adapter ``name`` and load its weights; every LoRA weight of it must be filled."""
-    model.add_adapter(name, _causal_lm_config(config))
-    result = set_peft_model_state_dict(model, state, adapter_name=name)
-    unfilled = [k for k in result.missing_keys if f".{name}." in k and ".lora_" in k]
-    if unfilled:
-        raise ValueError(
-            f"adapter '{name}': {len(unfilled)} LoRA weights not found in its checkpoint "
-            f"(e.g. {unfilled[0]}); was it trained on a different architecture?"
-        )
-    if result.unexpected_keys:
-        raise ValueError(
-            f"adapter '{name}': checkpoint keys match no module of the base model "
-            f"(e.g. {result.unexpected_keys[0]}); was it trained on a different architecture?"
-        )
+        save_adapter(self.model, POLICY, directory)
 
 
 def _linear_from_state(state: dict[str, torch.Tensor]) -> nn.Linear:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from trl.trainer.utils import pad
 
 from stages.core.generation import left_pad
 from stages.ppo.advantages import last_token_index
@@ -213,22 +214,16 @@ class Rollout:
         at different lengths, so responses are right-padded (pad id, mask False, zeros)."""
         if len(parts) == 1:
             return parts[0]
-        width = max(p.response_ids.shape[1] for p in parts)
         merged = {}
         for f in fields(Rollout):
             tensors = [getattr(p, f.name) for p in parts]
             if f.name.startswith("response_") or f.name in ("logprobs", "ref_logprobs", "values"):
                 fill = pad_token_id if f.name == "response_ids" else 0
-                tensors = [_pad_right(t, width, fill) for t in tensors]
-            merged[f.name] = torch.cat(tensors, dim=0)
+                rows = [row for t in tensors for row in t]  # trl's pad stacks rows, right-padded
+                merged[f.name] = pad(rows, padding_value=fill, padding_side="right")
+            else:
+                merged[f.name] = torch.cat(tensors, dim=0)
         return Rollout(**merged)
-
-
-def _pad_right(t: torch.Tensor, width: int, value: float) -> torch.Tensor:
-    if t.shape[1] == width:
-        return t
-    pad = t.new_full((t.shape[0], width - t.shape[1]), value)
-    return torch.cat([t, pad], dim=1)
 
 
 # --------------------------------------------------------------------------- collection

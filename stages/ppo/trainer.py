@@ -32,6 +32,7 @@ from accelerate.utils import gather_object
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import get_scheduler
+from trl.trainer.utils import entropy_from_logits
 
 from stages.core.generation import context_length
 from stages.core.handoff import (
@@ -42,12 +43,7 @@ from stages.core.handoff import (
 )
 from stages.ppo.advantages import compute_advantages, masked_mean
 from stages.ppo.config import PPOConfigError, PPOHyperparams
-from stages.ppo.losses import (
-    clipped_policy_loss,
-    clipped_value_loss,
-    entropy_from_logits,
-    logprobs_from_logits,
-)
+from stages.ppo.losses import clipped_policy_loss, clipped_value_loss, logprobs_from_logits
 from stages.ppo.roles import PPORoles
 from stages.ppo.rollout import (
     Rollout,
@@ -389,7 +385,8 @@ class PPOTrainer:
         )  # fmt: skip
         loss = policy.loss + cfg.vf_coef * value.loss
         with torch.no_grad():
-            entropy = masked_mean(entropy_from_logits(logits.detach() / cfg.temperature), mask)
+            scaled = logits.detach().float() / cfg.temperature
+            entropy = masked_mean(entropy_from_logits(scaled), mask)
         stats = {
             "policy/approxkl": policy.approxkl,
             "policy/clipfrac": policy.clipfrac,
@@ -447,6 +444,13 @@ class PPOTrainer:
         return metrics
 
     # ------------------------------------------------------------------ checkpoints
+    # Ours, not Accelerator.save_state / load_state + ProjectConfiguration(total_limit=...):
+    # save_state writes in place (a crash mid-save leaves a directory load_state accepts; ours
+    # stages, writes checkpoint_complete.json last, then renames), its total_limit rotation
+    # only works with its own `checkpoints/checkpoint_<i>` names (the run-dir contract is
+    # `checkpoint-<update>/`), it saves every prepared model's full state dict (the frozen,
+    # possibly 4-bit base too, not only the trainable weights) and it loads registered objects
+    # (our sample / shuffle generators) with a full unpickler, where resume loads tensors only.
     def _rng_state(self) -> dict[str, Any]:
         state = {
             "python": random.getstate(),  # (version, tuple of ints, None): plain types

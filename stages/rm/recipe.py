@@ -31,12 +31,13 @@ from trl import RewardConfig, RewardTrainer
 from data_recipes import toy
 from stages.core.handoff import write_jsonl_atomic
 from stages.core.lifecycle import StageRun
-from stages.core.models import LoadedModel, load_tokenizer, load_trainable_model
+from stages.core.models import load_tokenizer
 from stages.core.models import save_final as save_model
 from stages.core.reward_scoring import RewardScorer, load_reward_model
 from stages.core.runtime import is_main_process
 from stages.core.schema import ConfigError
 from stages.core.stage_pairs import stage_preference_pairs
+from stages.core.stage_steps import trainable_model
 from stages.core.trainer_args import (
     first_and_last,
     trainer_arguments,
@@ -224,18 +225,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
         if stage.final_record is None:
             # 3. The classifier on the SFT weights: new score head (+ fresh SEQ_CLS adapter).
-            loaded: LoadedModel = load_trainable_model(
-                model_cfg=c.model,
-                peft_cfg=c.peft,
-                paths=c.paths,
-                precision=stage.precision,
-                run_dir=stage.run_dir,
-                stage="rm",
-                task="seq_cls",
-                parent=parent,
-                parent_adapter=knobs.parent_adapter,
-                pad_token_id=tokenizer.pad_token_id,
-            )
+            loaded = trainable_model(stage, task="seq_cls", pad_token_id=tokenizer.pad_token_id)
 
             # 4. Train.
             trainer = RewardTrainerWithHeadLR(

@@ -10,8 +10,11 @@ from stages.core.schema import StageConfig
 @dataclass
 class SFTStageConfig(StageConfig):
     name: str = "sft"
+    # The tiny model learns from scratch and needs a high LR; real models want ~2e-5 full,
+    # ~2e-4 LoRA.
     learning_rate: float = 3e-3
-    max_steps: int = 800
-    per_device_batch_size: int = 64
-    assistant_only_loss: bool = True  # loss on assistant tokens only (needs {% generation %})
+    max_steps: int = 800  # the main quality/time knob; the tiny model learns carries by ~600
+    per_device_batch_size: int = 64  # rows per micro-batch
+    # Learn the replies, not the prompts (needs the chat template's {% generation %} markers).
+    assistant_only_loss: bool = True
     packing: bool = False  # pack short rows into max_length blocks: faster, cross-row attention

@@ -2,7 +2,7 @@
 
 Recipe: load demonstrations -> build TRL args (validated before any weights load) -> load the
 base (full / LoRA / QLoRA) -> train (resuming from the last complete checkpoint) ->
-save final/ -> greedy accuracy on held-out toy prompts -> manifest, DONE. A rerun after a
+save final/ -> greedy accuracy on the task's held-out prompts -> manifest, DONE. A rerun after a
 failure past training loads final/ and only evaluates.
 """
 
@@ -18,14 +18,14 @@ from data_recipes.sft_data import load_sft_rows
 from stages.core.data_accounting import sft_rows_to_train
 from stages.core.lifecycle import StageRun
 from stages.core.models import (
-    load_stage_model,
     load_tokenizer,
-    load_trainable_model,
     require_training_template,
     resolve_base_model,
     save_final,
 )
-from stages.core.task_eval import toy_task_metrics
+from stages.core.stage_steps import frozen_policy, trainable_model
+from stages.core.task import resolve_task
+from stages.core.task_eval import task_metrics
 from stages.core.trainer_args import trainer_arguments
 from stages.core.training import train_resumably
 
@@ -61,16 +61,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
         if stage.final_record is None:
             # 3. Model: full weights, a LoRA adapter, or LoRA on a 4-bit base.
-            loaded = load_trainable_model(
-                model_cfg=c.model,
-                peft_cfg=c.peft,
-                paths=c.paths,
-                precision=stage.precision,
-                run_dir=stage.run_dir,
-                stage="sft",
-                parent=stage.parent,
-                parent_adapter=knobs.parent_adapter,
-            )
+            loaded = trainable_model(stage)
 
             # 4. Train.
             trainer = SFTTrainer(
@@ -94,21 +85,20 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             )
             model = trainer.model
         else:  # an earlier attempt trained and saved final/, then failed
-            model = load_stage_model(stage.final_stage(), c.model, c.peft, stage.precision)
+            model = frozen_policy(stage, stage.final_stage())
 
-        # 6. Held-out accuracy on the toy task, with a few samples in the log.
+        # 6. Held-out accuracy on the task, with a few samples in the log. A task judged by
+        #    a reward model waits for the stages after the RM (none exists yet).
         metrics: dict[str, Any] = dict(stage.final_record["train_metrics"])
         samples: list[dict[str, Any]] = []
-        if c.data.sft.source == "toy":
-            toy_metrics, samples = toy_task_metrics(
-                model,
-                tokenizer,
-                c.data.toy,
-                c.model,
-                num_samples_logged=knobs.num_eval_samples_logged,
+        task = resolve_task(c)
+        if task is not None and not task.judge_needs_checkpoint:
+            eval_metrics, samples = task_metrics(
+                model, tokenizer, task, c.model, num_samples_logged=knobs.num_eval_samples_logged
             )
-            metrics.update(toy_metrics)
-            log.info("sft held-out greedy accuracy: %.3f", metrics["eval/accuracy"])
+            metrics.update(eval_metrics)
+            if "eval/accuracy" in metrics:
+                log.info("sft held-out greedy accuracy: %.3f", metrics["eval/accuracy"])
 
         # 7. Hand off: metrics.json, manifest.json, DONE.
         stage.finish(metrics=metrics, data=data_info, eval_samples=samples)

@@ -1,0 +1,1 @@
+"""KTO stage: config schema (``config``) and recipe (``recipe``, imported only to run)."""

@@ -1,0 +1,1 @@
+"""Task implementations (`stages.core.task.Task`), picked by `stages.core.task.resolve_task`."""
