@@ -64,9 +64,15 @@ def first_sentence(text: str) -> str:
 
 
 def group_options(group: str) -> list[tuple[str, str]]:
-    """(option, one-line doc) of each selectable YAML option of a conf/ group."""
+    """(option, one-line doc) of each selectable YAML option of a conf/ group; a stage's doc is
+    its registry summary (stages/registry.py), else the YAML's header comment."""
     folder = CONF_DIR / group
-    return [(p.stem, option_doc(p)) for p in sorted(folder.glob("*.yaml"))]
+    summaries: dict[str, str] = {}
+    if group == "stage":
+        from stages.registry import STAGES  # config schemas only: no torch
+
+        summaries = {spec.name: spec.summary for spec in STAGES if spec.summary}
+    return [(p.stem, summaries.get(p.stem) or option_doc(p)) for p in sorted(folder.glob("*.yaml"))]
 
 
 def yaml_key_comments(path: Path) -> dict[str, str]:
@@ -148,7 +154,8 @@ def compose(overrides: Sequence[str]) -> Any:
 def general_help() -> str:
     """The page for a bare ``--help``."""
     out = [
-        "alignpipe: SFT -> reward model + PPO, or DPO; full weights, LoRA or QLoRA.",
+        "alignpipe: SFT -> reward model + PPO, DPO or KTO; full weights or a PEFT adapter "
+        "(LoRA, QLoRA, DoRA, IA3, prefix, prompt).",
         "",
         "Usage: alignpipe stage=<stage> [group=option ...] [key=value ...]",
         "       alignpipe -m stage=dpo stage.beta=0.05,0.1   (a sweep: one run per value)",
