@@ -15,7 +15,6 @@ fails with its file and row number.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 from collections.abc import Sequence
@@ -34,6 +33,7 @@ from data_recipes.formats import (
 )
 from data_recipes.preference_formats import (
     PREFERENCE_FORMATS,
+    content_hash,
     detect_preference_format,
     normalize_preference_row,
 )
@@ -175,5 +175,5 @@ def load_prompt_file(
             hint=f"add prompts, or lower it: data.prompts.num_heldout={max(len(prompts) - 1, 0)}",
         )
     train, heldout = split_prompts(prompts, num_heldout, seed)
-    digest = hashlib.sha256(json.dumps(prompts, sort_keys=True).encode()).hexdigest()
+    digest = content_hash({"prompt": prompt} for prompt in prompts)  # the rows' one hasher
     return PromptSet(train, heldout, str(path), fmt or format, digest, account)
