@@ -23,7 +23,7 @@ from stages.core.schema import (
     PeftConfig,
     TrackingConfig,
 )
-from stages.core.stage_spec import StageSpec, register_stage, stage_spec
+from stages.core.stage_spec import KNOWN_PEFT_METHODS, StageSpec, register_stage, stage_spec
 from stages.dpo.config import DPOStageConfig
 from stages.eval.config import EvalStageConfig
 from stages.kto.config import KTOStageConfig
@@ -35,7 +35,7 @@ from stages.sft.config import SFTStageConfig
 # peft method. The reward model needs trained layers under its value head (prefix / prompt
 # tuning only prepend virtual tokens); PPO hosts its four roles as LoRA-shaped adapters on one
 # base and starts its value model from the RM's.
-ALL_PEFT_METHODS = ("none", "lora", "dora", "ia3", "prefix", "prompt")
+ALL_PEFT_METHODS = KNOWN_PEFT_METHODS
 LAYER_ADAPTER_METHODS = ("none", "lora", "dora")
 
 STAGES: tuple[StageSpec, ...] = (

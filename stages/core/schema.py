@@ -23,10 +23,10 @@ from omegaconf.errors import MissingMandatoryValue
 
 from stages.core.bounds import SEED, Bound, at_least, out_of_bounds, positive, unit_interval
 from stages.core.run_paths import run_path_problems
-from stages.core.stage_spec import stage_names, stage_spec
+from stages.core.stage_spec import KNOWN_PEFT_METHODS, stage_names, stage_spec
 
 # peft.method: "none" trains every weight; the others are peft adapters.
-PEFT_METHODS = ("none", "lora", "dora", "ia3", "prefix", "prompt")
+PEFT_METHODS = KNOWN_PEFT_METHODS  # none = full weights; the rest are peft adapter methods
 ADAPTER_METHODS = PEFT_METHODS[1:]
 PROMPT_METHODS = ("prefix", "prompt")  # virtual tokens: no adapted layers, nothing to merge
 # Adapter methods that train on a 4-bit base. Not ia3: peft's 4-bit IA3 layer returns fp32

@@ -16,8 +16,8 @@ from typing import Any
 # place: data.pairs.path), prompts.
 PARENT_KINDS = ("none", "policy")
 DATA_KINDS = ("sft", "pairs", "labelled", "prompts")
-# peft.method values a stage may declare (stages.core.schema.PEFT_METHODS; kept here too so
-# this module imports nothing).
+# Every peft.method (none = full weights): the one list, which the peft schema
+# (stages.core.schema.PEFT_METHODS) and the registry use. This module imports nothing.
 KNOWN_PEFT_METHODS = ("none", "lora", "dora", "ia3", "prefix", "prompt")
 
 
