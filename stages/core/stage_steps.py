@@ -13,6 +13,8 @@ from stages.core.comparison import Comparison, compare_with_parent
 from stages.core.handoff import write_jsonl_atomic
 from stages.core.models import LoadedModel, load_stage_model, load_trainable_model
 from stages.core.runtime import is_main_process
+from stages.core.stage_pairs import pair_judge_stage
+from stages.core.task import Task, stage_task
 
 if TYPE_CHECKING:
     import torch
@@ -20,7 +22,6 @@ if TYPE_CHECKING:
 
     from stages.core.handoff import ParentStage
     from stages.core.lifecycle import StageRun
-    from stages.core.task import Task
 
 COMPARISON_TABLE = "comparison.txt"
 HELDOUT_PAIRS = "heldout_pairs.jsonl"
@@ -44,6 +45,17 @@ def trainable_model(
         parent_adapter=c.stage.parent_adapter,
         pad_token_id=pad_token_id,
     )
+
+
+def preference_task(stage: StageRun) -> Task | None:
+    """Before any weights load, for a stage trained on preferences of its parent's policy:
+    the RM judging its on-policy pairs (if any) and its task's judge, both resolved (a missing
+    or stale RM fails with the command to run) and recorded as upstreams. Returns the task."""
+    with stage.guard():
+        judge_stage = pair_judge_stage(stage)
+        if judge_stage is not None:
+            stage.add_upstream(judge_stage)
+        return stage_task(stage, stage.parent)
 
 
 def frozen_policy(stage: StageRun, of: ParentStage) -> torch.nn.Module:

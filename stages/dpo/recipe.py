@@ -26,14 +26,14 @@ from stages.core.reference_policy import (
     reference_model_arg,
     save_without_reference,
 )
-from stages.core.stage_pairs import pair_judge_stage, stage_preference_pairs
+from stages.core.stage_pairs import stage_preference_pairs
 from stages.core.stage_steps import (
     HELDOUT_PAIRS,
     compare_and_report,
     frozen_policy,
+    preference_task,
     trainable_model,
 )
-from stages.core.task import stage_task
 from stages.core.trainer_args import first_and_last, trainer_arguments
 from stages.core.training import train_resumably
 
@@ -47,13 +47,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     c, knobs = stage.cfg, stage.cfg.stage
     parent = stage.parent
     assert parent is not None  # the schema requires a parent for dpo
-    with stage.guard():
-        # A reward-model judge must exist (and match this SFT) before any weights load.
-        judge_stage = pair_judge_stage(stage)
-        if judge_stage is not None:
-            stage.add_upstream(judge_stage)
-        # The task's prompts and judge (a user's task: judged by this experiment's RM).
-        task = stage_task(stage, parent)
+    task = preference_task(stage)  # its RM judges exist before any weights load
 
     with stage:
         # 1. Tokenizer (with its chat template) from the parent, and TRL args: both fail fast.
