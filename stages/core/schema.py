@@ -502,6 +502,11 @@ class StageConfig:
                 f"same training metrics as an uninterrupted one: e.g. stage.save_steps={fit}"
             )
 
+    def cross_group_problems(self, cfg: Config) -> list[str]:
+        """Conflicts of this stage's knobs with other groups (data, peft), checked by
+        ``Config.__post_init__``; a stage schema overrides it. None by default."""
+        return []
+
 
 # ------------------------------------------------------------------- tracking, paths
 
@@ -579,6 +584,8 @@ class Config:
             report_problem(peft_method_problem(stage.name, self.peft.method, spec.peft_methods))
         for key, path in data_files_needed(self):
             _check_data_file(key, path)
+        for problem in stage.cross_group_problems(self):
+            report_problem(problem)
         if "fp16" in (self.precision, self.peft.bnb_4bit_compute_dtype) and not _has_cuda():
             key = "precision" if self.precision == "fp16" else "peft.bnb_4bit_compute_dtype"
             report_problem(

@@ -4,6 +4,7 @@ model, generated once per experiment and cached (`stages.core.on_policy_pairs`).
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +43,9 @@ def stage_preference_pairs(
     tokenizer: Any,
     policy: torch.nn.Module | None = None,
     task: Task | None = None,
+    *,
+    sampled_by: dict[str, Any] | None = None,
+    seed: int | None = None,
 ) -> pair_recipes.PairSet:
     """Train / held-out pairs for ``stage`` from ``data.pairs``, without the train pairs
     longer than ``model.max_length`` (counted, logged, and recorded in the manifest).
@@ -51,10 +55,14 @@ def stage_preference_pairs(
     anyway (DPO's reference); otherwise it is loaded here and freed afterwards. The
     reward-model judge, if configured, is loaded here and freed afterwards too. No pair, from
     a file or sampled, has one of the task's held-out prompts.
+
+    ``sampled_by`` (with ``policy``) names another checkpoint than the parent, e.g. a round of
+    iterative DPO identified by its weights' sha256: it keys the cache instead of the parent's
+    manifest. ``seed`` replaces ``data.pairs.seed`` (a round's own prompts and samples).
     """
     c = stage.cfg
     task = task if task is not None else resolve_task(c)
-    pairs = _source_pairs(stage, tokenizer, policy, task)
+    pairs = _source_pairs(stage, tokenizer, policy, task, sampled_by, seed)
     # The trainer's limit: stage.trainer_overrides win over model.max_length, as in its args.
     max_length = c.stage.trainer_overrides.get("max_length", c.model.max_length)
     return preference_pairs_to_train(
@@ -63,11 +71,17 @@ def stage_preference_pairs(
 
 
 def _source_pairs(
-    stage: StageRun, tokenizer: Any, policy: torch.nn.Module | None, task: Task | None
+    stage: StageRun,
+    tokenizer: Any,
+    policy: torch.nn.Module | None,
+    task: Task | None,
+    sampled_by: dict[str, Any] | None = None,
+    seed: int | None = None,
 ) -> pair_recipes.PairSet:
     c, parent = stage.cfg, stage.parent
     assert parent is not None  # preference stages always have a parent
-    pairs_cfg = c.data.pairs
+    assert sampled_by is None or policy is not None, "sampled_by names the policy passed"
+    pairs_cfg = c.data.pairs if seed is None else dataclasses.replace(c.data.pairs, seed=seed)
     if pairs_cfg.source == "file":
         return pair_recipes.file_pairs(pairs_cfg, task.heldout_keys() if task else set())
     if task is None:
@@ -90,7 +104,7 @@ def _source_pairs(
             pairs_cfg=pairs_cfg,
             task=task,
             model_cfg=c.model,
-            policy_id=parent.as_manifest_ref(),
+            policy_id=sampled_by if sampled_by is not None else parent.as_manifest_ref(),
             cache_root=pairs_cache_root(c.paths.runs_root, c.experiment_name),
             judge=judge,
         )

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from stages.core.bounds import Bound, at_least, positive
-from stages.core.schema import StageConfig
+from stages.core.schema import StageConfig, check_choice, report_problem
+
+if TYPE_CHECKING:
+    from stages.core.schema import Config
+
+ROUND_REFERENCES = ("sft", "previous")
 
 
 @dataclass
@@ -22,10 +28,55 @@ class DPOStageConfig(StageConfig):
     # + weight * NLL of the chosen replies (RPO, Pang et al. 2024); 0 = plain DPO, which lowers
     # chosen and rejected likelihoods together and broke easy toy prompts (docs/tuning.md).
     sft_weight: float = 1.0
+    # Iterative (online) DPO: rounds of sample from the current policy -> judge -> max_steps
+    # of DPO; round r > 1 samples fresh pairs from round r-1's policy. 1 = plain DPO.
+    rounds: int = 1
+    # Reference of rounds > 1: sft keeps the KL anchor at SFT (drift is bounded, later rounds
+    # move less); previous re-anchors at round r-1 (each round moves further, KL to SFT grows).
+    round_reference: str = "sft"
 
     BOUNDS = {
         **StageConfig.BOUNDS,
         "beta": positive(),
         "label_smoothing": Bound(low=0, high=0.5, high_inclusive=False),  # 0.5 = coin flips
         "sft_weight": at_least(0),
+        "rounds": at_least(1),
     }
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("stage.round_reference", self.round_reference, ROUND_REFERENCES)
+        if self.rounds > 1 and self.parent_adapter == "merge":
+            report_problem(
+                f"stage.rounds={self.rounds} continues each round's adapter, which "
+                "stage.parent_adapter=merge does not keep on the merged SFT base: use "
+                "stage.parent_adapter=continue (the default) or stage.rounds=1"
+            )
+
+    def cross_group_problems(self, cfg: Config) -> list[str]:
+        """Rounds > 1 sample new pairs from the current policy: a pairs file has none."""
+        if self.rounds <= 1:
+            return []
+        problems = []
+        if cfg.data.pairs.source == "file":
+            problems.append(
+                f"stage.rounds={self.rounds} samples fresh on-policy pairs from each round's "
+                "policy, but data.pairs.source=file has nothing new to sample: use "
+                "data.pairs.source=on_policy (the default), or stage.rounds=1 for DPO on the file"
+            )
+        if (
+            self.round_reference == "sft"
+            and self.precompute_ref_log_probs
+            and cfg.peft.method != "none"
+        ):
+            # TRL precomputes the reference log-probs inside DPOTrainer's __init__, from its
+            # copy of the adapter being trained (round r-1's), before the SFT adapter can be
+            # put back into its frozen "ref" adapter.
+            problems.append(
+                f"stage.rounds={self.rounds} with stage.round_reference=sft, "
+                f"peft.method={cfg.peft.method} and stage.precompute_ref_log_probs=true: TRL "
+                "would precompute the reference from the previous round's adapter, not SFT's. "
+                "Use stage.precompute_ref_log_probs=false, stage.round_reference=previous, or "
+                "peft=none"
+            )
+        return problems

@@ -7,6 +7,10 @@ the SFT adapter, or the SFT full weights) -> train against the reference -> save
 compare with the SFT parent on held-out prompts and pairs -> manifest, DONE. A pairs file is read before any
 weights load; a rerun after a failure past training loads final/ and only compares.
 
+``stage.rounds=K > 1`` is iterative DPO (``stages.dpo.rounds``): K rounds of sample from the
+current policy -> judge -> DPO, each round's policy compared with SFT and recorded in the
+manifest's ``rounds``; final/ is the last round's.
+
 The reference is always the SFT policy, never the bare base (`stages.core.reference_policy`).
 """
 
@@ -21,7 +25,6 @@ from trl import DPOConfig, DPOTrainer
 from stages.core.lifecycle import StageRun
 from stages.core.models import load_tokenizer
 from stages.core.reference_policy import (
-    check_reference,
     describe_reference,
     reference_model_arg,
     save_without_reference,
@@ -34,8 +37,8 @@ from stages.core.stage_steps import (
     preference_task,
     trainable_model,
 )
-from stages.core.trainer_args import first_and_last, trainer_arguments
-from stages.core.training import train_resumably
+from stages.core.trainer_args import trainer_arguments
+from stages.dpo.rounds import RoundInputs, finish_rounds, train_dpo, train_rounds
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +82,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             pair_set = stage_preference_pairs(stage, tokenizer, policy=sft_policy, task=task)
         log.info("dpo: %d train pairs, %d held out", len(pair_set.train), len(pair_set.heldout))
 
-        if stage.final_record is None:
+        rounds: list[dict[str, Any]] = []
+        if knobs.rounds > 1:
+            # 4-6. Iterative DPO: every round not trained yet, the last one saved as final/.
+            inputs = RoundInputs(tokenizer, dpo_args, sft_policy, task, pair_set)
+            policy, rounds = train_rounds(stage, inputs)
+        elif stage.final_record is None:
             # 4. Policy: the SFT adapter continued (LoRA/QLoRA) or the SFT full weights.
             loaded = trainable_model(stage)
             trainer = DPOTrainer(
@@ -89,17 +97,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 train_dataset=pair_set.train_dataset(),
                 processing_class=tokenizer,
             )
-            check_reference(trainer.model, "DPOTrainer")
 
-            # 5. Train.
-            train_metrics = train_resumably(stage, trainer, expected_rows=len(pair_set.train))
-            history = trainer.state.log_history
-            # rewards/* at the first log are ~0 (reference = policy); at the end they show how
-            # far DPO separated chosen from rejected.
-            train_metrics.update(first_and_last(history, "rewards/margins", "train/reward_margin"))
-            train_metrics.update(
-                first_and_last(history, "rewards/accuracies", "train/reward_accuracy")
-            )
+            # 5. Train against the reference (checked: the SFT policy, never the bare base).
+            train_metrics = train_dpo(stage, trainer, pair_set)
 
             # 6. final/ (with the reference in the manifest) now, before the comparison: if
             #    that fails, the rerun loads final/ and only compares.
@@ -119,6 +119,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         comparison = compare_and_report(
             stage, policy, sft_policy, tokenizer, task, metrics, heldout_pairs=pair_set.heldout
         )
+        if rounds:  # the last round's record gets this comparison; round<r>/* metrics
+            finish_rounds(stage, rounds, metrics)
 
         # 8. Hand off: metrics.json, manifest.json, DONE.
         stage.finish(
