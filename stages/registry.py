@@ -26,8 +26,10 @@ from stages.core.schema import (
 from stages.core.stage_spec import KNOWN_PEFT_METHODS, StageSpec, register_stage, stage_spec
 from stages.dpo.config import DPOStageConfig
 from stages.eval.config import EvalStageConfig
+from stages.grpo.config import GRPOStageConfig
 from stages.kto.config import KTOStageConfig
 from stages.ppo.config import PPOStageConfig
+from stages.rloo.config import RLOOStageConfig
 from stages.rm.config import RMStageConfig
 from stages.sft.config import SFTStageConfig
 
@@ -37,6 +39,9 @@ from stages.sft.config import SFTStageConfig
 # base and starts its value model from the RM's.
 ALL_PEFT_METHODS = KNOWN_PEFT_METHODS
 LAYER_ADAPTER_METHODS = ("none", "lora", "dora")
+# The online RL trainers (GRPO, RLOO) sample with the adapter on and copy it into a frozen
+# "ref" adapter: tested with LoRA / DoRA (and 4-bit); prefix / prompt / IA3 are not offered.
+ONLINE_RL_PEFT_METHODS = LAYER_ADAPTER_METHODS
 
 STAGES: tuple[StageSpec, ...] = (
     StageSpec(
@@ -86,6 +91,26 @@ STAGES: tuple[StageSpec, ...] = (
         summary="KTO from SFT on replies labelled desirable / undesirable (TRL KTOTrainer)",
         peft_methods=ALL_PEFT_METHODS,
         frontier=("KTO", "s", "tab:green"),
+    ),
+    StageSpec(
+        name="grpo",
+        schema=GRPOStageConfig,
+        recipe="stages.grpo.recipe",
+        parent="policy",
+        reads=("prompts",),
+        summary="GRPO from SFT: group-baseline RL on the task's judge or the RM (TRL GRPOTrainer)",
+        peft_methods=ONLINE_RL_PEFT_METHODS,
+        frontier=("GRPO", "D", "tab:red"),
+    ),
+    StageSpec(
+        name="rloo",
+        schema=RLOOStageConfig,
+        recipe="stages.rloo.recipe",
+        parent="policy",
+        reads=("prompts",),
+        summary="RLOO from SFT: leave-one-out RL on the task's judge or the RM (TRL RLOOTrainer)",
+        peft_methods=ONLINE_RL_PEFT_METHODS,
+        frontier=("RLOO", "v", "tab:purple"),
     ),
     StageSpec(
         name="eval",

@@ -48,6 +48,8 @@ WORKING_METHODS = {
     "eval": {"none", "lora", "dora", "ia3", "prefix", "prompt"},
     "rm": {"none", "lora", "dora"},
     "ppo": {"none", "lora", "dora"},
+    "grpo": {"none", "lora", "dora"},
+    "rloo": {"none", "lora", "dora"},
 }
 
 

@@ -135,6 +135,8 @@ def _parents_of(cfg: Config) -> list[str]:
     reward = getattr(cfg.stage, "reward_stage", None)  # PPO scores with this RM stage
     if reward:
         parents.append(reward)
+    if getattr(cfg.stage, "reward", None) == "rm":  # GRPO / RLOO rewarded by this RM stage
+        parents.append(JUDGE_REWARD_STAGE)
     target = getattr(cfg.stage, "target", None)  # eval compares this stage with its parent
     if target:
         parents.append(target)

@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 
 # What a step line shows, in this order and under these names, when the trainer logged it:
 # the loss and optimiser state, then each trainer's own sign of learning (SFT token accuracy,
-# DPO reward accuracy and margin, RM pairwise accuracy and margin). Everything else the
+# DPO reward accuracy and margin, RM pairwise accuracy and margin, the online RL trainers'
+# sampled reward and KL). Everything else the
 # trainer logs still goes to W&B and the checkpoint's trainer_state.json.
 _SHOWN = {
     "loss": "loss",
@@ -35,6 +36,8 @@ _SHOWN = {
     "rewards/margins": "reward_margin",
     "accuracy": "acc",
     "margin": "margin",
+    "reward": "reward",
+    "kl": "kl",
 }
 
 
