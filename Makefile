@@ -11,7 +11,7 @@
 #
 #   make sweep SWEEP=dpo_beta    a named Hydra multirun from conf/sweep/ (dpo_beta, ppo_kl, kto_beta, dpo_optuna)
 #   make compare                 table + PNGs of every finished run of EXP (runs/$(EXP)/_compare/)
-#   make frontier                DPO-beta, PPO-kl_coef, KTO-beta sweeps -> runs/$(EXP)/_frontier/frontier.png + .md
+#   make frontier                every method's sweep -> runs/$(EXP)/_frontier/frontier{,_proxy}.png + .md
 #                                (ARGS="--out docs" regenerates the committed docs/frontier.*)
 #
 # Scale-out: LAUNCH=accelerate ACC=ddp|fsdp|zero2|zero3|single NPROC=8 runs the same stage

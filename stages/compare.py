@@ -7,11 +7,13 @@ Owns reading run dirs back (recursively: ``runs/<exp>/<stage>/`` and sweep jobs'
 ``runs/<exp>/<stage>/<variant>/``), the comparison table (terminal + Markdown), and the
 plots: held-out accuracy per run, training-loss curves (from the last checkpoint's
 ``trainer_state.json``) and the **reward-KL frontier**: true reward of the toy task (the rule
-judge's held-out accuracy) against KL to the SFT reference, one point per DPO, PPO or KTO run,
-in the style of Fig. 2 of the DPO paper. Nothing here needs W&B, a network or a GPU.
+judge's held-out accuracy) against KL to the SFT reference, one point per policy run (DPO,
+PPO, KTO, GRPO, RLOO; one per round of an iterative DPO run), in the style of Fig. 2 of the
+DPO paper, or with a proxy reward per run (`stages.proxy_reward`) on the y axis instead.
+Nothing here needs W&B, a network or a GPU.
 
-The metric keys are defined once, below: stages write them into their manifests (DPO,
-PPO and KTO through ``stages.core.comparison.compare_with_parent``).
+The metric keys are defined once, below: stages write them into their manifests (every
+policy stage through ``stages.core.comparison.compare_with_parent``).
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ import argparse
 import json
 import math
 import sys
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -99,10 +101,7 @@ class Run:
         return self.manifest.get("metrics") or {}
 
     def metric(self, key: str) -> float | None:
-        value = self.metrics.get(key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return None
-        return None if math.isnan(float(value)) else float(value)
+        return _metric(self.metrics, key)
 
     @property
     def seconds(self) -> float | None:
@@ -189,13 +188,13 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def fill_settings(runs: Sequence[Run]) -> None:
-    """Per stage, the config keys whose values differ between its runs (what a sweep swept,
-    or what differs between the experiments compared). Call again on a subset to label the
-    runs by what differs within that subset only."""
-    by_stage: dict[str, list[Run]] = {}
+def fill_settings(runs: Sequence[Run], group_by: Callable[[Run], Any] | None = None) -> None:
+    """Per stage (or per ``group_by(run)``), the config keys whose values differ between its
+    runs (what a sweep swept, or what differs between the experiments compared). Call again on
+    a subset to label the runs by what differs within that subset only."""
+    by_stage: dict[Any, list[Run]] = {}
     for run in runs:
-        by_stage.setdefault(run.stage, []).append(run)
+        by_stage.setdefault(group_by(run) if group_by else run.stage, []).append(run)
     for group in by_stage.values():
         flats = [flatten(run.manifest.get("config") or {}) for run in group]
         keys = sorted(set().union(*flats)) if flats else []
@@ -325,32 +324,121 @@ def render_markdown(header: list[str], rows: list[list[str]], *, text_columns: i
 # --------------------------------------------------------------------------------- plots
 
 
+# Variants of a stage on the frontier, read apart from its plain runs by a hollow marker of
+# the stage's colour: a policy trained on this experiment's reward model instead of the task's
+# rule judge (GRPO/RLOO `stage.reward=rm`), and iterative DPO, whose rounds are joined by a line.
+RM_REWARD_SUFFIX = " (RM reward)"
+ITERATIVE_PREFIX = "iterative "
+# Iterative DPO's per-round metrics: a list of {"round", REWARD_KEY, KL_KEY, ...}. The stage
+# records it as a manifest extra, which StageRun.finish writes at the top of the manifest.
+ROUNDS_KEY = "rounds"
+
+
 @dataclass(frozen=True)
 class FrontierPoint:
-    method: str  # DPO | PPO | KTO
-    label: str  # the run's varying settings, e.g. "beta=0.1"
+    method: str  # legend name: DPO | PPO | KTO | GRPO | GRPO (RM reward) | iterative DPO ...
+    label: str  # the run's varying settings, e.g. "beta=0.1", or "round 2"
     kl: float
     reward: float
     run: str
     setting_items: tuple[str, ...] = ()  # the label's parts, to wrap it between settings
+    marker: str = "o"
+    colour: str = "tab:gray"
+    filled: bool = True  # False: a variant of the stage (hollow marker of its colour)
+    series: str | None = None  # points of one run joined by a line (iterative DPO's rounds)
+    proxy: float | None = None  # mean RM score of the run's greedy held-out replies
 
 
-def frontier_points(runs: Sequence[Run]) -> tuple[list[FrontierPoint], list[Run]]:
-    """(points, runs of a frontier stage that lack REWARD_KEY or KL_KEY)."""
+def run_rounds(run: Run) -> list[dict[str, Any]]:
+    """Iterative DPO's per-round metrics from the manifest ([] for a one-round run)."""
+    rounds = run.manifest.get(ROUNDS_KEY)
+    if not isinstance(rounds, list) or len(rounds) < 2:
+        return []
+    return [r for r in rounds if isinstance(r, dict)]
+
+
+def frontier_style(run: Run) -> tuple[str, str, str, bool] | None:
+    """(legend name, marker, colour, filled) of a run on the frontier; None for a stage that
+    is not plotted there (SFT, RM, eval)."""
+    style = FRONTIER_STAGES.get(run.stage)
+    if style is None:
+        return None
+    name, marker, colour = style
+    if run_rounds(run):
+        return f"{ITERATIVE_PREFIX}{name}", marker, colour, False
+    stage_cfg = (run.manifest.get("config") or {}).get("stage") or {}
+    if stage_cfg.get("reward") == "rm":
+        return f"{name}{RM_REWARD_SUFFIX}", marker, colour, False
+    return name, marker, colour, True
+
+
+def frontier_method(run: Run) -> str | None:
+    """The run's legend name on the frontier (None when not plotted there)."""
+    style = frontier_style(run)
+    return style[0] if style else None
+
+
+def method_order() -> list[str]:
+    """Legend order: stages as the registry lists them, each followed by its variants."""
+    return [
+        name + suffix
+        for name, _, _ in FRONTIER_STAGES.values()
+        for name, suffix in ((name, ""), (name, RM_REWARD_SUFFIX), (ITERATIVE_PREFIX + name, ""))
+    ]
+
+
+def _metric(values: Mapping[str, Any], key: str) -> float | None:
+    """A finite number under ``key`` (a manifest's metrics, or one round's record), else None."""
+    value = values.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return None if math.isnan(float(value)) else float(value)
+
+
+def frontier_points(
+    runs: Sequence[Run], proxy: Mapping[Path, float] | None = None
+) -> tuple[list[FrontierPoint], list[Run]]:
+    """(points, runs of a frontier stage that lack REWARD_KEY or KL_KEY).
+
+    One point per run; an iterative DPO run gives one per round (``label`` "round k",
+    ``series`` = the run), the last round carrying the run's proxy reward (its
+    eval_samples.jsonl are the last round's replies). ``proxy``: run dir -> proxy reward."""
+    proxy = proxy or {}
     points, missing = [], []
     for run in runs:
-        if run.stage not in FRONTIER_STAGES:
+        style = frontier_style(run)
+        if style is None:
+            continue
+        method, marker, colour, filled = style
+        look = {"marker": marker, "colour": colour, "filled": filled}
+        rounds = run_rounds(run)
+        if rounds:
+            measured = [
+                (r.get("round", i), _metric(r, KL_KEY), _metric(r, REWARD_KEY))
+                for i, r in enumerate(rounds, 1)
+            ]
+            measured = [(n, kl, reward) for n, kl, reward in measured if None not in (kl, reward)]
+            if not measured:
+                missing.append(run)
+            for i, (n, kl, reward) in enumerate(measured):
+                last = i == len(measured) - 1
+                points.append(
+                    FrontierPoint(
+                        method, f"round {n}", kl, reward, run.label, (f"round {n}",),
+                        series=run.label, proxy=proxy.get(run.path) if last else None, **look,
+                    )
+                )  # fmt: skip
             continue
         kl, reward = run.metric(KL_KEY), run.metric(REWARD_KEY)
         if kl is None or reward is None:
             missing.append(run)
             continue
-        method = FRONTIER_STAGES[run.stage][0]
         points.append(
             FrontierPoint(
-                method, run.settings_label, kl, reward, run.label, tuple(run.setting_items)
+                method, run.settings_label, kl, reward, run.label, tuple(run.setting_items),
+                proxy=proxy.get(run.path), **look,
             )
-        )
+        )  # fmt: skip
     return points, missing
 
 
@@ -371,16 +459,19 @@ def is_parent_of_any(candidate: Run, runs: Sequence[Run]) -> bool:
     return False
 
 
-def reference_points(runs: Sequence[Run]) -> list[tuple[str, float]]:
-    """(label, accuracy) of the SFT runs that plotted runs descend from: KL 0 by definition."""
+def reference_runs(runs: Sequence[Run]) -> list[Run]:
+    """The SFT runs that plotted runs descend from: KL 0 by definition."""
     plotted = [run for run in runs if run.stage in FRONTIER_STAGES]
-    refs = []
-    for run in runs:
-        if run.stage == REFERENCE_STAGE and is_parent_of_any(run, plotted):
-            accuracy = run.metric(REWARD_KEY)
-            if accuracy is not None:
-                refs.append((run.label, accuracy))
-    return refs
+    return [r for r in runs if r.stage == REFERENCE_STAGE and is_parent_of_any(r, plotted)]
+
+
+def reference_points(runs: Sequence[Run]) -> list[tuple[str, float]]:
+    """(label, accuracy) of the SFT runs that plotted runs descend from."""
+    return [
+        (run.label, accuracy)
+        for run in reference_runs(runs)
+        if (accuracy := run.metric(REWARD_KEY)) is not None
+    ]
 
 
 def _pyplot() -> Any:
@@ -497,20 +588,34 @@ def _overlap_areas(a: Any, b: Any) -> Any:
     return np.clip(width, 0, None) * np.clip(height, 0, None)
 
 
-def frontier_figure(runs: Sequence[Run], title: str) -> Any | None:
+TRUE_REWARD_AXIS = "true reward: held-out accuracy\n(rule judge, greedy)"
+PROXY_REWARD_AXIS = "proxy reward: mean RM score of the greedy\nheld-out replies (arbitrary scale)"
+
+
+def frontier_figure(
+    runs: Sequence[Run], title: str, *, proxy: Mapping[Path, float] | None = None
+) -> Any | None:
     """The frontier as a matplotlib Figure (one scatter per method); None without points.
 
+    y is the true reward (the judge's held-out accuracy), or with ``proxy`` (run dir -> mean
+    RM score of its held-out replies) the proxy reward, for the runs that have one.
     Each point is labelled by what varies between runs, placed so that no two labels
     overlap and all stay inside the axes; when the labels do not fit (many runs, long
     settings), the points carry numbers instead and the legend outside the axes says which
-    run each number is."""
-    points, _ = frontier_points(runs)
+    run each number is. The rounds of an iterative run are joined by a line."""
+    points, _ = frontier_points(runs, proxy)
+    if proxy is None:
+        references = reference_points(runs)
+        y_axis = TRUE_REWARD_AXIS
+    else:
+        points = [replace(p, reward=p.proxy) for p in points if p.proxy is not None]
+        references = [(r.label, proxy[r.path]) for r in reference_runs(runs) if r.path in proxy]
+        y_axis = PROXY_REWARD_AXIS
     if not points:
         return None
-    references = reference_points(runs)
-    fig = _frontier_figure(points, references, title, numbered=False)
+    fig = _frontier_figure(points, references, title, y_axis, numbered=False)
     if fig is None:
-        fig = _frontier_figure(points, references, title, numbered=True)
+        fig = _frontier_figure(points, references, title, y_axis, numbered=True)
     return fig
 
 
@@ -518,6 +623,7 @@ def _frontier_figure(
     points: Sequence[FrontierPoint],
     references: Sequence[tuple[str, float]],
     title: str,
+    y_axis: str,
     *,
     numbered: bool,
 ) -> Any | None:
@@ -527,15 +633,15 @@ def _frontier_figure(
     plt = _pyplot()
     from matplotlib.lines import Line2D
 
-    ordered = [
-        p for method, _, _ in FRONTIER_STAGES.values()
-        for p in sorted((q for q in points if q.method == method), key=lambda q: q.kl)
-    ]  # fmt: skip
+    order = method_order()
+    rank = {method: i for i, method in enumerate(order)}
+    ordered = sorted(points, key=lambda p: (rank.get(p.method, len(order)), p.method, p.kl))
     labels = [
         "\n".join(wrap_items(p.setting_items, PLOT_LABEL_WIDTH)) if p.setting_items else p.run
         for p in ordered
     ]
-    style = {method: (marker, color) for method, marker, color in FRONTIER_STAGES.values()}
+    # legend name -> (marker, colour, filled), in legend order
+    style = {p.method: (p.marker, p.colour, p.filled) for p in ordered}
     keys = [f"{n}  {p.method}: {label}" for n, (p, label) in enumerate(zip(ordered, labels), 1)]
     legend_labels = [f"SFT reference ({label})" for label, _ in references]
     legend_labels += keys if numbered else [f"{method} runs" for method in style]
@@ -547,25 +653,34 @@ def _frontier_figure(
                  max(5.0, 1.2 + legend_lines * _LINE_HEIGHT_IN)),
         layout="constrained",
     )  # fmt: skip
-    for method, (marker, color) in style.items():
+
+    def look(marker: str, colour: str, filled: bool) -> dict[str, Any]:
+        # A variant of a stage (RM reward, iterative): hollow, edged in the stage's colour.
+        if filled:
+            return {"marker": marker, "color": colour, "edgecolor": "black", "linewidth": 0.6}
+        return {"marker": marker, "facecolor": "white", "edgecolor": colour, "linewidth": 1.6}
+
+    for series in dict.fromkeys(p.series for p in points if p.series):
+        mine = [p for p in points if p.series == series]  # in round order
+        ax.plot([p.kl for p in mine], [p.reward for p in mine], color=mine[0].colour,
+                linewidth=1.0, alpha=0.7, zorder=2)  # fmt: skip
+    for method, (marker, colour, filled) in style.items():
         mine = [p for p in ordered if p.method == method]
-        if mine:
-            ax.scatter([p.kl for p in mine], [p.reward for p in mine], marker=marker, s=70,
-                       color=color, edgecolor="black", linewidth=0.6, label=f"{method} runs",
-                       zorder=3)  # fmt: skip
-    for label, accuracy in references:
-        ax.scatter([0.0], [accuracy], marker="*", s=180, color="black", zorder=4,
+        ax.scatter([p.kl for p in mine], [p.reward for p in mine], s=70,
+                   label=f"{method} runs", zorder=3, **look(marker, colour, filled))  # fmt: skip
+    for label, value in references:
+        ax.scatter([0.0], [value], marker="*", s=180, color="black", zorder=4,
                    label=f"SFT reference ({label})")  # fmt: skip
     # Room around the points for their labels, and a readable span when all are (nearly) equal.
     xs = [p.kl for p in points] + [0.0] * len(references)
-    ys = [p.reward for p in points] + [accuracy for _, accuracy in references]
+    ys = [p.reward for p in points] + [value for _, value in references]
     x_span = max(max(xs) - min(xs), 1e-3)
     y_span = max(max(ys) - min(ys), 0.1)
     ax.set_xlim(min(xs) - 0.08 * x_span, max(xs) + 0.3 * x_span)
     middle = (max(ys) + min(ys)) / 2
     ax.set_ylim(middle - 0.7 * y_span, middle + 0.7 * y_span)
     ax.set_xlabel("KL(policy ‖ SFT reference) per response, nats  (sampled at T=1)")
-    ax.set_ylabel("true reward: held-out accuracy\n(rule judge, greedy)")
+    ax.set_ylabel(y_axis)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     if numbered:
@@ -573,8 +688,10 @@ def _frontier_figure(
             Line2D([], [], linestyle="none", marker="*", markersize=11, color="black")
             for _ in references
         ] + [
-            Line2D([], [], linestyle="none", marker=style[p.method][0], markersize=7,
-                   color=style[p.method][1], markeredgecolor="black", markeredgewidth=0.6)
+            Line2D([], [], linestyle="none", marker=p.marker, markersize=7,
+                   color=p.colour if p.filled else "white",
+                   markeredgecolor="black" if p.filled else p.colour,
+                   markeredgewidth=0.6 if p.filled else 1.6)
             for p in ordered
         ]  # fmt: skip
         _outside_legend(ax, handles=handles, labels=legend_labels)
@@ -582,7 +699,7 @@ def _frontier_figure(
         _outside_legend(ax)
     tags = [str(n) for n in range(1, len(ordered) + 1)] if numbered else labels
     placed = _place_point_labels(
-        fig, ax, [(p.kl, p.reward, tag, style[p.method][1]) for p, tag in zip(ordered, tags)]
+        fig, ax, [(p.kl, p.reward, tag, p.colour) for p, tag in zip(ordered, tags)]
     )
     if not placed and not numbered:
         plt.close(fig)
@@ -590,9 +707,12 @@ def _frontier_figure(
     return fig
 
 
-def plot_frontier(runs: Sequence[Run], out: Path, title: str) -> Path | None:
-    """Reward (judge accuracy) vs KL to the SFT reference as a PNG; None when no run has both."""
-    return _save(frontier_figure(runs, title), out)
+def plot_frontier(
+    runs: Sequence[Run], out: Path, title: str, *, proxy: Mapping[Path, float] | None = None
+) -> Path | None:
+    """Reward (judge accuracy, or with ``proxy`` the RM's mean score) vs KL to the SFT
+    reference as a PNG; None when no run has both."""
+    return _save(frontier_figure(runs, title, proxy=proxy), out)
 
 
 def _save(fig: Any | None, out: Path) -> Path | None:
@@ -700,7 +820,7 @@ class Report:
     table: str  # terminal rendering
     markdown: str
     files: list[Path]
-    missing_frontier: list[str]  # DPO/PPO/KTO runs without the frontier metrics
+    missing_frontier: list[str]  # policy runs without the frontier metrics
 
 
 def compare(
