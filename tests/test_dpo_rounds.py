@@ -293,3 +293,46 @@ def test_rounds_bounds_and_the_file_conflict_through_the_cli(compose_cfg, tmp_pa
     assert "stage.rounds=3 samples fresh on-policy pairs" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_later_rounds_train_at_most_round_max_epochs_of_their_pairs(tmp_path) -> None:
+    from trl import DPOConfig
+
+    args = DPOConfig(
+        output_dir=str(tmp_path),
+        max_steps=300,
+        per_device_train_batch_size=32,
+        use_cpu=True,
+        bf16=False,
+    )
+    # 198 pairs (a mostly-right policy leaves few untied prompts): 3 epochs = 19 steps, not 300.
+    assert dpo_rounds.round_steps(args, 198, 3.0) == 19
+    assert dpo_rounds.round_steps(args, 5000, 3.0) == 300  # max_steps still caps
+    assert dpo_rounds.round_steps(args, 1, 0.5) == 1
+
+
+def _pair(a: int, chosen: str, rejected: str) -> dict:
+    return {"prompt": [{"role": "user", "content": f"What is {a} + 1?"}], "chosen": chosen,
+            "rejected": rejected}  # fmt: skip
+
+
+def test_accumulated_rounds_train_on_every_rounds_pairs_once(tmp_path) -> None:
+    from types import SimpleNamespace
+
+    from data_recipes.pairs import PairSet
+    from stages.core.handoff import HandoffError
+
+    first = PairSet([_pair(1, "2.", "3."), _pair(2, "3.", "4.")], [_pair(9, "10.", "11.")])
+    inputs = SimpleNamespace(first_pairs=first, tokenizer=None)
+    # Round 2's fresh pairs: one new, one already trained in round 1, one on a prompt that
+    # round 1 held out (its held-out pairs score every round, so it is never trained on).
+    fresh = PairSet(
+        [_pair(5, "6.", "7."), _pair(1, "2.", "3."), _pair(9, "10.", "12.")], [], {"r": 2}
+    )
+    merged = dpo_rounds.with_earlier_pairs(SimpleNamespace(cfg=None), inputs, [{}], fresh)
+    assert merged.train == [_pair(5, "6.", "7."), _pair(1, "2.", "3."), _pair(2, "3.", "4.")]
+    assert merged.info == {"r": 2}  # the fresh set's cache and account stay the round's
+
+    gone = {"record": {"round": 2, "pairs_cache": str(tmp_path / "gone")}}
+    with pytest.raises(HandoffError, match="round 2's pairs"):
+        dpo_rounds.with_earlier_pairs(SimpleNamespace(cfg=None), inputs, [{}, gone], fresh)

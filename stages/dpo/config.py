@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     from stages.core.schema import Config
 
 ROUND_REFERENCES = ("sft", "previous")
+ROUND_PAIRS = ("accumulate", "fresh")
 
 
 @dataclass
@@ -34,6 +35,13 @@ class DPOStageConfig(StageConfig):
     # Reference of rounds > 1: sft keeps the KL anchor at SFT (drift is bounded, later rounds
     # move less); previous re-anchors at round r-1 (each round moves further, KL to SFT grows).
     round_reference: str = "sft"
+    # Pairs of round r > 1: accumulate = its fresh pairs plus every earlier round's (the fresh
+    # ones are few and all on prompts the policy still gets wrong: alone they pull it off the
+    # rest); fresh = only its own pairs (pure on-policy, smaller, can forget).
+    round_pairs: str = "accumulate"
+    # Rounds > 1 train min(max_steps, this many epochs of their pairs): fewer pairs, fewer
+    # steps, so a round on a few hundred pairs does not overfit them.
+    round_max_epochs: float = 3.0
 
     BOUNDS = {
         **StageConfig.BOUNDS,
@@ -41,11 +49,13 @@ class DPOStageConfig(StageConfig):
         "label_smoothing": Bound(low=0, high=0.5, high_inclusive=False),  # 0.5 = coin flips
         "sft_weight": at_least(0),
         "rounds": at_least(1),
+        "round_max_epochs": positive(),
     }
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choice("stage.round_reference", self.round_reference, ROUND_REFERENCES)
+        check_choice("stage.round_pairs", self.round_pairs, ROUND_PAIRS)
         if self.rounds > 1 and self.parent_adapter == "merge":
             report_problem(
                 f"stage.rounds={self.rounds} continues each round's adapter, which "

@@ -3,8 +3,9 @@
 Round 1 is plain DPO on the SFT policy's judged samples (trained in the run dir, as with
 ``rounds=1``). Round r > 1 samples fresh pairs from round r-1's policy on the task's training
 prompts (``data.pairs.seed + r - 1``), cached under a key holding the sha256 of round r-1's
-saved weights, and trains ``max_steps`` more DPO steps from that policy against the reference
-of ``stage.round_reference``: the SFT policy, or round r-1's.
+saved weights, and trains more DPO steps from that policy (``max_steps``, capped at
+``round_max_epochs`` epochs of the round's pairs) against the reference of
+``stage.round_reference``: the SFT policy, or round r-1's.
 
 Each round r < K is saved like a stage, in ``round-<r>/``: ``final/`` (the policy), its
 trainer checkpoints (r > 1), and ``round.json``, written last (file hashes, the config and
@@ -19,6 +20,7 @@ import gc
 import hashlib
 import json
 import logging
+import math
 import re
 import shutil
 from dataclasses import dataclass
@@ -30,9 +32,12 @@ from peft import PeftModel
 from trl import DPOConfig, DPOTrainer
 
 from data_recipes.pairs import PairSet
+from data_recipes.prompts import prompt_key
 from stages.core import handoff
 from stages.core.comparison import compare_with_parent
+from stages.core.data_accounting import preference_pairs_to_train
 from stages.core.models import load_trainable_model
+from stages.core.on_policy_pairs import load_cached
 from stages.core.reference_policy import (
     REFERENCE_ADAPTER,
     check_reference,
@@ -310,8 +315,11 @@ def train_rounds(stage: StageRun, inputs: RoundInputs) -> tuple[torch.nn.Module,
                 },
                 seed=c.data.pairs.seed + r - 1,
             )
-        log.info("dpo round %d/%d: %d train pairs, %d held out", r, rounds,
-                 len(pair_set.train), len(pair_set.heldout))  # fmt: skip
+        fresh_pairs = len(pair_set.train)
+        if previous is not None and knobs.round_pairs == "accumulate":
+            pair_set = with_earlier_pairs(stage, inputs, done, pair_set)
+        log.info("dpo round %d/%d: %d train pairs (%d fresh), %d held out", r, rounds,
+                 len(pair_set.train), fresh_pairs, len(pair_set.heldout))  # fmt: skip
 
         loaded = trainable_model(stage) if previous is None else _continued_policy(stage, previous)
         base_model = base_model or loaded.base.as_dict()
@@ -332,6 +340,9 @@ def train_rounds(stage: StageRun, inputs: RoundInputs) -> tuple[torch.nn.Module,
         args = DPOConfig(
             **{**inputs.dpo_args, **trainer_arguments(stage), "output_dir": str(trainer_dir)}
         )
+        if r > 1:
+            args.max_steps = round_steps(args, len(pair_set.train), knobs.round_max_epochs)
+            args.warmup_steps = int(knobs.warmup_ratio * args.max_steps)
         trainer = DPOTrainer(
             model=loaded.model,
             ref_model=ref_model,
@@ -343,6 +354,7 @@ def train_rounds(stage: StageRun, inputs: RoundInputs) -> tuple[torch.nn.Module,
         record: dict[str, Any] = {
             "round": r,
             "train_pairs": len(pair_set.train),
+            "fresh_pairs": fresh_pairs,
             "heldout_pairs": len(pair_set.heldout),
             "pairs_cache": pair_set.info.get("cache", {}).get("path"),
             "reference": knobs.round_reference,
@@ -351,6 +363,7 @@ def train_rounds(stage: StageRun, inputs: RoundInputs) -> tuple[torch.nn.Module,
             "sampled_by_sha256": (
                 stage.parent.manifest_sha256 if previous is None else previous.manifest_sha256
             ),
+            "train_steps": args.max_steps,
             "train/reward_accuracy_last": train_metrics.get("train/reward_accuracy_last"),
         }
         save = save_without_reference(loaded, inputs.tokenizer, trainer)
@@ -384,6 +397,48 @@ def train_rounds(stage: StageRun, inputs: RoundInputs) -> tuple[torch.nn.Module,
         gc.collect()
     assert policy is not None
     return policy, list(stage.manifest_extra["rounds"])
+
+
+def with_earlier_pairs(
+    stage: StageRun, inputs: RoundInputs, done: list[dict[str, Any]], fresh: PairSet
+) -> PairSet:
+    """``fresh`` (round r's own pairs) plus the train pairs of rounds 1..r-1, each once, none
+    on a prompt of round 1's held-out pairs (they score every round). Earlier rounds' pairs
+    come from their caches (``pairs_cache`` in each round's record)."""
+    c = stage.cfg
+    earlier = [inputs.first_pairs]
+    for saved in done[1:]:
+        cache = Path(saved["record"]["pairs_cache"])
+        cached = load_cached(cache)
+        if cached is None:
+            raise handoff.HandoffError(
+                f"stage.round_pairs=accumulate needs round {saved['record']['round']}'s pairs, "
+                f"but their cache {cache} is gone: re-run with force=true (or "
+                "stage.round_pairs=fresh)"
+            )
+        # The same too-long filter as when that round trained on them.
+        max_length = c.stage.trainer_overrides.get("max_length", c.model.max_length)
+        earlier.append(
+            preference_pairs_to_train(
+                cached, inputs.tokenizer, max_length, stage.name, c.data.max_dropped_fraction
+            )
+        )
+    held = {prompt_key(row["prompt"]) for row in inputs.first_pairs.heldout}
+    seen: set[str] = set()
+    rows = []
+    for row in [*fresh.train, *(r for pairs in earlier for r in pairs.train)]:
+        key = json.dumps([prompt_key(row["prompt"]), row["chosen"], row["rejected"]])
+        if key not in seen and prompt_key(row["prompt"]) not in held:
+            seen.add(key)
+            rows.append(row)
+    return PairSet(rows, fresh.heldout, fresh.info, fresh.account)
+
+
+def round_steps(args: DPOConfig, pairs: int, max_epochs: float) -> int:
+    """Steps of a round after the first: ``args.max_steps``, capped at ``max_epochs`` epochs
+    of the round's ``pairs`` at the effective batch (per device x accumulation x processes)."""
+    batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    return max(1, min(args.max_steps, math.ceil(max_epochs * pairs / batch)))
 
 
 def _save_round(

@@ -28,7 +28,7 @@ class OnlineRLStageConfig(StageConfig):
     # rm: this experiment's reward model (runs/<exp>/rm; a learned, exploitable proxy).
     reward: str = "task"
     learning_rate: float = 1e-4  # higher learns faster but collapses the group's diversity
-    max_steps: int = 200  # optimiser steps; the time/quality knob
+    max_steps: int = 400  # optimiser steps; the time/quality knob
     # Completions per micro-batch: per_device_batch_size / num_generations prompts each.
     per_device_batch_size: int = 64
     logging_steps: int = 10  # log every N steps
