@@ -20,7 +20,8 @@ from tests.plain_judge import plain_greedy_accuracy
 
 pytestmark = pytest.mark.slow
 
-# The issue asks for +0.45 over SFT's greedy held-out accuracy (0.400 on the default recipe).
+# Measured on the default recipe: SFT 0.400 greedy held-out accuracy, GRPO 0.920 (the stages'
+# own eval; docs/tuning.md). The issue asks for +0.45.
 MIN_GAIN = 0.45
 
 

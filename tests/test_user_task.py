@@ -254,6 +254,12 @@ PPO_FAST = [
     "stage.num_prompts=64",
     "stage.save_steps=1",
 ]
+GRPO_FAST = [
+    "stage.max_steps=4",
+    "stage.save_steps=2",
+    "stage.num_generations=4",
+    "stage.num_prompts=64",
+]
 DPO_ON_POLICY = [
     "data.pairs.source=on_policy",
     "data.pairs.judge=reward_model",
@@ -345,6 +351,16 @@ def test_users_own_task_end_to_end(compose_cfg, tmp_path: Path) -> None:
     pairs += _read_jsonl(cache / "train.jsonl")
     assert pairs and {r["prompt"][-1]["content"] for r in pairs} <= train_texts
     _check_comparison(runs / "dpo", heldout_texts, runs / "rm")
+
+    # GRPO on their prompt file, rewarded by their task's judge: their RM.
+    from stages.grpo import recipe as grpo
+
+    grpo.run(compose_cfg("stage=grpo", *USER, *GRPO_FAST))
+    grpo_manifest = json.loads((runs / "grpo" / MANIFEST).read_text())
+    assert grpo_manifest["data"]["prompts"] == len(train_texts)
+    assert grpo_manifest["reward"]["source"] == "task"
+    assert grpo_manifest["upstream"]["rm"]["manifest_sha256"] == file_sha256(runs / "rm" / MANIFEST)
+    _check_comparison(runs / "grpo", heldout_texts, runs / "rm")
 
 
 def test_the_schema_and_the_task_resolver_know_the_same_task_sources() -> None:
