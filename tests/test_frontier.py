@@ -218,7 +218,9 @@ def test_sweep_files_compose_and_every_grid_value_validates(sweep: str, tmp_path
         params = dict(cfg.hydra.sweeper.params)
         stage = "rloo" if sweep.startswith("rloo") else "grpo"
         assert cfg.stage.name == stage and cfg.tracking.group == f"toy-{sweep}"
-        assert len(params["stage.beta"].split(",")) == 3
+        # A curve, from no KL term at all (beta 0) upwards.
+        betas = [float(b) for b in params["stage.beta"].split(",")]
+        assert len(betas) >= 3 and betas[0] == 0.0 and betas == sorted(betas)
         # GRPO on the RM names its reward in the run dir (a swept key): never grpo_beta's dirs.
         assert (params.get("stage.reward") == "rm") == (sweep == "grpo_rm_beta")
         for beta in params["stage.beta"].split(","):
