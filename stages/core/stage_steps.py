@@ -28,10 +28,16 @@ HELDOUT_PAIRS = "heldout_pairs.jsonl"
 
 
 def trainable_model(
-    stage: StageRun, *, task: str = "causal_lm", pad_token_id: int | None = None
+    stage: StageRun,
+    *,
+    task: str = "causal_lm",
+    pad_token_id: int | None = None,
+    start_from: ParentStage | None = None,
 ) -> LoadedModel:
     """The model ``stage`` trains: the base or its parent's output, full weights, an adapter
-    (continued or fresh, ``stage.parent_adapter``) or an adapter on a 4-bit base (``peft``)."""
+    (continued or fresh, ``stage.parent_adapter``) or an adapter on a 4-bit base (``peft``).
+    ``start_from``: another finished policy to continue instead of the parent (its adapter
+    continued), e.g. the previous round of iterative DPO."""
     c = stage.cfg
     return load_trainable_model(
         model_cfg=c.model,
@@ -41,8 +47,8 @@ def trainable_model(
         run_dir=stage.run_dir,
         stage=stage.name,
         task=task,
-        parent=stage.parent,
-        parent_adapter=c.stage.parent_adapter,
+        parent=stage.parent if start_from is None else start_from,
+        parent_adapter=c.stage.parent_adapter if start_from is None else "continue",
         pad_token_id=pad_token_id,
     )
 

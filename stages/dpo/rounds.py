@@ -36,7 +36,6 @@ from data_recipes.prompts import prompt_key
 from stages.core import handoff
 from stages.core.comparison import compare_with_parent
 from stages.core.data_accounting import preference_pairs_to_train
-from stages.core.models import load_trainable_model
 from stages.core.on_policy_pairs import load_cached
 from stages.core.reference_policy import (
     REFERENCE_ADAPTER,
@@ -211,21 +210,6 @@ def _resume_checkpoint(directory: Path) -> Path | None:
     return handoff.last_complete_checkpoint(directory)
 
 
-def _continued_policy(stage: StageRun, previous: handoff.ParentStage) -> LoadedModel:
-    """Round r-1's policy as the trainable model of round r (its adapter continued)."""
-    c = stage.cfg
-    return load_trainable_model(
-        model_cfg=c.model,
-        peft_cfg=c.peft,
-        paths=c.paths,
-        precision=stage.precision,
-        run_dir=stage.run_dir,
-        stage=stage.name,
-        parent=previous,
-        parent_adapter="continue",
-    )
-
-
 def reference_description(stage: StageRun, loaded: LoadedModel) -> dict[str, Any]:
     """The manifest's ``reference`` of an iterative run: the SFT parent as the anchor, and
     what each round's reference was (every round's record names its own)."""
@@ -321,7 +305,8 @@ def train_rounds(stage: StageRun, inputs: RoundInputs) -> tuple[torch.nn.Module,
         log.info("dpo round %d/%d: %d train pairs (%d fresh), %d held out", r, rounds,
                  len(pair_set.train), fresh_pairs, len(pair_set.heldout))  # fmt: skip
 
-        loaded = trainable_model(stage) if previous is None else _continued_policy(stage, previous)
+        # Round r > 1 continues round r-1's policy (its adapter, or its full weights).
+        loaded = trainable_model(stage, start_from=previous)
         base_model = base_model or loaded.base.as_dict()
         adapter = isinstance(loaded.model, PeftModel)
         follow_previous = previous is not None and knobs.round_reference == "previous"
