@@ -4,6 +4,7 @@
 #   make sft rm ppo              SFT, reward model, PPO
 #   make sft kto                 SFT, then KTO (replies labelled desirable / undesirable)
 #   make eval                    compare a stage with its parent (ARGS="stage.target=ppo")
+#   make export                  merge a stage into one plain model (ARGS="stage.target=dpo")
 #   make sft dpo EXP=toy_qlora   another experiment bundle from conf/experiment/
 #   make dpo ARGS="stage.beta=0.05 force=true"
 #   make test                    the test suite (fast tier); make test-all adds end-to-end runs

@@ -106,6 +106,19 @@ def toy_judge() -> Judge:
     return Judge(name="toy", score=lambda prompt, reply: toy.judge(_toy_problem(prompt), reply))
 
 
+def toy_reversal_judge() -> Judge:
+    """The embedded second skill's rule judge: 1.0 when the reply's first word is the prompt's
+    string reversed."""
+
+    def score(prompt: Messages, reply: str) -> float:
+        problem = toy.parse_reversal_prompt(prompt)
+        if problem is None:
+            raise ValueError(f"the reversal judge only scores 'Reverse: abc', got {prompt!r}")
+        return toy.reversal_judge(problem, reply)
+
+    return Judge(name="toy/reversal", score=score)
+
+
 # ----------------------------------------------------------------------------- prompts
 
 

@@ -1,4 +1,5 @@
-"""The embedded verifiable task: two-digit addition asked as ``What is A + B?``.
+"""The embedded verifiable task: two-digit addition asked as ``What is A + B?``, plus a
+second skill, ``Reverse: abc`` -> ``cba.``, that SFT teaches and no preference data touches.
 
 Owns the prompt space, the train/eval split, the mixed-quality demonstrations and the
 rule-based judge. Pure and seeded: the same config always yields the same rows.
@@ -11,6 +12,12 @@ evasive ("i do not know."), some near misses (off by 1 or 10), and the demonstra
 more often on hard prompts (a three-digit sum). SFT imitates the mix, so greedy decoding
 evades on hard prompts while sampling often answers them correctly; the judge prefers correct
 answers, which the preference stages then select.
+
+The second skill (reversing a three-letter string, always demonstrated correctly) is what
+forgetting is measured on: the preference stages only ever see addition prompts, so any change
+in a later stage's reversal accuracy is a side effect of aligning it on addition. It uses
+letters, not digits, so learning it costs the addition skill little within SFT's budget
+(a second arithmetic skill, ``A - B``, left both half-learned at 800 steps).
 """
 
 from __future__ import annotations
@@ -28,6 +35,11 @@ OPERANDS = range(10, 100)
 EVASIVE_REPLY = "i do not know."
 _FIRST_INT = re.compile(r"-?\d+")
 _PROMPT = re.compile(r"What is (\d+) \+ (\d+)\?")
+_REVERSAL_PROMPT = re.compile(r"Reverse: ([a-z]+)$")
+_FIRST_WORD = re.compile(r"[a-z]+")
+REVERSAL = "reversal"  # the second skill's name in metrics (forgetting/reversal)
+REVERSAL_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+REVERSAL_LENGTH = 3
 
 
 class ToyTaskConfig(Protocol):
@@ -42,6 +54,8 @@ class ToyTaskConfig(Protocol):
     train_seed: int
     eval_seed: int
     eval_fraction: float
+    num_reversal_train: int
+    num_reversal_eval: int
 
 
 @dataclass(frozen=True)
@@ -66,13 +80,35 @@ class AdditionProblem:
         return [{"role": "user", "content": self.prompt}]
 
 
-def correct_reply(problem: AdditionProblem) -> str:
+@dataclass(frozen=True)
+class ReversalProblem:
+    """The second skill: ``Reverse: abc``, answered ``cba.``."""
+
+    text: str
+
+    @property
+    def answer(self) -> str:
+        return self.text[::-1]
+
+    @property
+    def prompt(self) -> str:
+        return f"Reverse: {self.text}"
+
+    def messages(self) -> list[dict[str, str]]:
+        return [{"role": "user", "content": self.prompt}]
+
+
+def correct_reply(problem: AdditionProblem | ReversalProblem) -> str:
     return f"{problem.answer}."
 
 
 def _is_eval_pair(a: int, b: int, eval_fraction: float) -> bool:
+    return _in_eval_split(f"{a}+{b}", eval_fraction)
+
+
+def _in_eval_split(key: str, eval_fraction: float) -> bool:
     # Keyed hash, not the sampling seed: the split never changes when seeds do.
-    digest = hashlib.sha256(f"alignpipe-toy-split:{a}+{b}".encode()).digest()
+    digest = hashlib.sha256(f"alignpipe-toy-split:{key}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64 < eval_fraction
 
 
@@ -109,17 +145,39 @@ def demonstration_reply(problem: AdditionProblem, rng: random.Random, cfg: ToyTa
     return f"{problem.answer + offset}."
 
 
+def reversal_problems(cfg: ToyTaskConfig, split: str) -> list[ReversalProblem]:
+    """Second-skill problems for ``split`` from its own disjoint pool (as `problems`)."""
+    if split not in ("train", "eval"):
+        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    want_eval = split == "eval"
+    pool = [
+        ReversalProblem(a + b + c)
+        for a in REVERSAL_LETTERS
+        for b in REVERSAL_LETTERS
+        for c in REVERSAL_LETTERS
+        if _in_eval_split(f"reverse:{a}{b}{c}", cfg.eval_fraction) == want_eval
+    ]
+    # Own streams: adding the skill leaves the addition rows exactly as they were.
+    rng = random.Random((cfg.eval_seed if want_eval else cfg.train_seed) * 104729 + 3)
+    if want_eval:
+        return rng.sample(pool, min(cfg.num_reversal_eval, len(pool)))
+    return [rng.choice(pool) for _ in range(cfg.num_reversal_train)]
+
+
+def _demonstration(prompt: list[dict[str, str]], reply: str) -> dict[str, list[dict[str, str]]]:
+    return {"messages": [*prompt, {"role": "assistant", "content": reply}]}
+
+
 def sft_dataset(cfg: ToyTaskConfig) -> Dataset:
-    """Conversational SFT rows (``messages``) of mixed quality from the train pool."""
+    """Conversational SFT rows (``messages``): addition of mixed quality from the train pool,
+    then the second skill's demonstrations (all correct)."""
     rng = random.Random(cfg.train_seed * 7919 + 17)
     rows = [
-        {
-            "messages": [
-                *p.messages(),
-                {"role": "assistant", "content": demonstration_reply(p, rng, cfg)},
-            ]
-        }
+        _demonstration(p.messages(), demonstration_reply(p, rng, cfg))
         for p in problems(cfg, "train")
+    ]
+    rows += [
+        _demonstration(p.messages(), correct_reply(p)) for p in reversal_problems(cfg, "train")
     ]
     return Dataset.from_list(rows)
 
@@ -139,13 +197,30 @@ def judge(problem: AdditionProblem, reply: str) -> float:
     return 1.0 if first_integer(reply) == problem.answer else 0.0
 
 
+def _last_user_turn(prompt: str | list[dict[str, str]]) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    users = [m["content"] for m in prompt if m.get("role") == "user"]
+    return users[-1] if users else ""
+
+
 def parse_prompt(prompt: str | list[dict[str, str]]) -> AdditionProblem | None:
-    """Recover the problem from a prompt string or chat messages (last user turn)."""
-    if not isinstance(prompt, str):
-        users = [m["content"] for m in prompt if m.get("role") == "user"]
-        prompt = users[-1] if users else ""
-    match = _PROMPT.search(prompt)
+    """Recover the addition problem from a prompt string or chat messages (last user turn);
+    None for anything else, the second skill's prompts included."""
+    match = _PROMPT.search(_last_user_turn(prompt))
     return AdditionProblem(int(match.group(1)), int(match.group(2))) if match else None
+
+
+def parse_reversal_prompt(prompt: str | list[dict[str, str]]) -> ReversalProblem | None:
+    """Recover the second skill's problem, as `parse_prompt` does for addition."""
+    match = _REVERSAL_PROMPT.search(_last_user_turn(prompt).strip())
+    return ReversalProblem(match.group(1)) if match else None
+
+
+def reversal_judge(problem: ReversalProblem, reply: str) -> float:
+    """The second skill's rule judge: 1.0 when the reply's first word is the reversed text."""
+    match = _FIRST_WORD.search(reply)
+    return 1.0 if match is not None and match.group() == problem.answer else 0.0
 
 
 def accuracy(problems_and_replies: Iterable[tuple[AdditionProblem, str]]) -> float:

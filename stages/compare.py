@@ -42,13 +42,25 @@ KL_PER_TOKEN_KEY = "compare/kl_per_token"
 # entry (StageSpec.frontier), so the methods read apart and a new stage needs no edit here.
 FRONTIER_STAGES = {spec.name: spec.frontier for spec in STAGES if spec.frontier is not None}
 REFERENCE_STAGE = "sft"
+# The eval stage's runs compare a target with its parent or the base (stage.against): their
+# row says so ("dpo vs base"), their accuracy is the target's, and they are never a policy on
+# the frontier (FRONTIER_STAGES has no eval). PARENT_ACCURACY_KEY: what a run was compared
+# with (a policy stage's parent; an eval's parent, base or few-shot base).
+EVAL_STAGE = "eval"
+PARENT_ACCURACY_KEY = "compare/parent_accuracy"
+FORGETTING_KEY = "forgetting/sft_replies"
+TARGET_ACCURACY_KEY = "compare/policy_accuracy"
 
 # Table columns after run/stage/kind/settings: (header, metric key in the manifest).
 METRIC_COLUMNS: tuple[tuple[str, str], ...] = (
     ("accuracy", REWARD_KEY),
+    ("vs acc", PARENT_ACCURACY_KEY),
     ("KL/seq", KL_KEY),
     ("KL/tok", KL_PER_TOKEN_KEY),
     ("win rate", "compare/win_rate"),
+    # Forgetting (stages.core.forgetting): log-likelihood per token the run lost, against its
+    # parent, on the SFT's held-out replies (> 0 = forgotten); works on any data.
+    ("forgot/tok", FORGETTING_KEY),
     ("loss first", "train/loss_first"),
     ("loss last", "train/loss_last"),
     ("steps", "train/steps"),
@@ -102,6 +114,28 @@ class Run:
 
     def metric(self, key: str) -> float | None:
         return _metric(self.metrics, key)
+
+    @property
+    def stage_label(self) -> str:
+        """The table's stage cell: an eval run names what it compared, e.g. "dpo vs base"."""
+        if self.stage != EVAL_STAGE:
+            return self.stage
+        target = (self.manifest.get("target") or {}).get("stage") or "?"
+        compared = self.manifest.get("compared_with") or {}
+        against = compared.get("against", "parent")
+        if against == "parent":
+            other = compared.get("stage") or "parent"
+        elif against == "base_fewshot":
+            other = f"base {compared.get('num_shots', '?')}-shot"
+        else:
+            other = "base"
+        return f"{target} vs {other}"
+
+    def table_metric(self, key: str) -> float | None:
+        """``metric(key)``; an eval run's accuracy is its target's, measured by that eval."""
+        if key == REWARD_KEY and self.stage == EVAL_STAGE:
+            return self.metric(TARGET_ACCURACY_KEY)
+        return self.metric(key)
 
     @property
     def seconds(self) -> float | None:
@@ -274,12 +308,12 @@ def table_rows(
         rows.append(
             [
                 run.label if full_labels else _middle_cut(run.label, TERMINAL_RUN_WIDTH),
-                run.stage,
+                run.stage_label,
                 str(run.manifest.get("kind", "-")),
                 run.settings_label
                 if full_labels
                 else "\n".join(wrap_items(run.setting_items, TERMINAL_SETTINGS_WIDTH)),
-                *(_fmt(run.metric(key)) for _, key in METRIC_COLUMNS),
+                *(_fmt(run.table_metric(key)) for _, key in METRIC_COLUMNS),
                 _fmt(run.manifest.get("world_size", 1)),
                 _fmt(run.seconds),
             ]
@@ -857,7 +891,11 @@ def compare(
             "",
             f"{len(runs)} finished runs under {', '.join(map(str, roots))}. `settings` = the config "
             "keys that differ between runs of the same stage; `accuracy` = "
-            f"`{REWARD_KEY}`, `KL/seq` = `{KL_KEY}` (KL to the parent per response).",
+            f"`{REWARD_KEY}`, `vs acc` = `{PARENT_ACCURACY_KEY}` (the accuracy of what the run "
+            f"was compared with: its parent, or for an eval row `<target> vs base` the base "
+            f"model), `KL/seq` = `{KL_KEY}` (KL to the parent, or to that base, per response), "
+            f"`forgot/tok` = `{FORGETTING_KEY}` (log-likelihood per token lost on the SFT's "
+            "held-out replies, against the parent).",
             "",
             render_markdown(header, md_rows),
             "",

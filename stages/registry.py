@@ -26,6 +26,7 @@ from stages.core.schema import (
 from stages.core.stage_spec import KNOWN_PEFT_METHODS, StageSpec, register_stage, stage_spec
 from stages.dpo.config import DPOStageConfig
 from stages.eval.config import EvalStageConfig
+from stages.export.config import ExportStageConfig
 from stages.grpo.config import GRPOStageConfig
 from stages.kto.config import KTOStageConfig
 from stages.ppo.config import PPOStageConfig
@@ -119,6 +120,15 @@ STAGES: tuple[StageSpec, ...] = (
         parent="none",  # it evaluates stage.target against that stage's own parent
         trains=False,
         summary="compare a finished stage with its parent",
+        peft_methods=ALL_PEFT_METHODS,
+    ),
+    StageSpec(
+        name="export",
+        schema=ExportStageConfig,
+        recipe="stages.export.recipe",
+        parent="none",  # it reads stage.target; the adapter kind comes from its manifest
+        trains=False,
+        summary="write a finished stage as one merged, plain transformers model",
         peft_methods=ALL_PEFT_METHODS,
     ),
 )

@@ -147,7 +147,7 @@ def test_compare_writes_a_markdown_table_and_pngs(runs: Path, tmp_path: Path) ->
             assert path.read_bytes()[:8] == PNG_MAGIC
     md = (tmp_path / "out" / "compare.md").read_text()
     assert md.count("\n| ") == 2 + 8  # header + alignment + one row per finished run
-    assert "| dpo/stage.beta=0.03 | dpo | full | beta=0.03 | 0.8 | 9 |" in md
+    assert "| dpo/stage.beta=0.03 | dpo | full | beta=0.03 | 0.8 | - | 9 |" in md  # no vs acc
     assert "crashed" not in md and "crashed" not in report.table
     assert report.missing_frontier == ["ppo/old"]
 

@@ -46,6 +46,7 @@ WORKING_METHODS = {
     "dpo": {"none", "lora", "dora", "ia3", "prefix", "prompt"},
     "kto": {"none", "lora", "dora", "ia3", "prefix", "prompt"},  # like dpo
     "eval": {"none", "lora", "dora", "ia3", "prefix", "prompt"},
+    "export": {"none", "lora", "dora", "ia3", "prefix", "prompt"},  # the target's kind counts
     "rm": {"none", "lora", "dora"},
     "ppo": {"none", "lora", "dora"},
     "grpo": {"none", "lora", "dora"},

@@ -21,7 +21,7 @@ def test_train_and_eval_prompts_are_disjoint_and_seeded() -> None:
 
 
 def test_demonstrations_follow_the_configured_mix() -> None:
-    cfg = ToyTaskConfig(num_train=4000)
+    cfg = ToyTaskConfig(num_train=4000, num_reversal_train=0)
     rows = toy.sft_dataset(cfg)
     kinds = {"correct": 0, "evasive": 0, "near": 0}
     for row in rows:
@@ -42,7 +42,7 @@ def test_demonstrations_follow_the_configured_mix() -> None:
 
 
 def test_demonstrators_evade_mostly_on_hard_prompts() -> None:
-    rows = toy.sft_dataset(ToyTaskConfig(num_train=4000))
+    rows = toy.sft_dataset(ToyTaskConfig(num_train=4000, num_reversal_train=0))
     evasive = {True: [], False: []}
     for row in rows:
         problem = toy.parse_prompt(row["messages"][:1])

@@ -24,8 +24,8 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -37,6 +37,7 @@ from stages.core.generation import (
     context_length,
     fit_sequence,
     generate_ids,
+    render_prompts,
     right_pad,
 )
 from stages.core.runtime import is_main_process
@@ -47,6 +48,9 @@ from stages.core.task_eval import greedy_replies
 log = logging.getLogger(__name__)
 
 Messages = list[dict[str, str]]
+# How the parent side sees a prompt (None: as the policy does); the eval stage's few-shot base
+# gets earlier demonstration turns before each prompt (stages/eval/baseline.py).
+PromptView = Callable[[Messages], Messages]
 
 
 @dataclass
@@ -56,6 +60,24 @@ class Comparison:
     metrics: dict[str, float]
     table: str
     samples: list[dict[str, Any]] = field(default_factory=list)
+    rows: list[tuple[str, Any, Any]] = field(default_factory=list)  # (metric, parent, policy)
+
+
+def with_rows(
+    comparison: Comparison,
+    metrics: dict[str, float],
+    rows: list[tuple[str, Any, Any]],
+    policy_name: str,
+    parent_name: str,
+) -> Comparison:
+    """``comparison`` plus more metrics and table rows (e.g. `stages.core.forgetting`'s)."""
+    all_rows = [*comparison.rows, *rows]
+    return replace(
+        comparison,
+        metrics={**comparison.metrics, **metrics},
+        table=_table(all_rows, policy_name, parent_name),
+        rows=all_rows,
+    )
 
 
 # ------------------------------------------------------------------------- log-probs
@@ -165,8 +187,10 @@ def kl_per_token(
     *,
     temperature: float = 1.0,
     seed: int = 0,
+    parent_view: PromptView | None = None,
 ) -> dict[str, float]:
-    """Monte-Carlo KL(policy || parent) per response token on the policy's own samples."""
+    """Monte-Carlo KL(policy || parent) per response token on the policy's own samples
+    (scored by the parent after ``parent_view(prompt)`` when given)."""
     prompt_ids, responses = sample_responses(
         policy,
         tokenizer,
@@ -180,9 +204,15 @@ def kl_per_token(
     if not kept:
         return {"kl_per_token": float("nan"), "kl_tokens": 0.0}
     p_ids, r_ids = [k[0] for k in kept], [k[1] for k in kept]
+    parent_ids = p_ids
+    if parent_view is not None:
+        viewed = [parent_view(m) for m, r in zip(prompts, responses) if r]
+        parent_ids = render_prompts(tokenizer, viewed, model_cfg.max_prompt_length)
     pad = tokenizer.pad_token_id
     on_policy = response_logprobs(policy, p_ids, r_ids, pad_token_id=pad, temperature=temperature)
-    on_parent = response_logprobs(parent, p_ids, r_ids, pad_token_id=pad, temperature=temperature)
+    on_parent = response_logprobs(
+        parent, parent_ids, r_ids, pad_token_id=pad, temperature=temperature
+    )
     total = sum(float((a - b).sum()) for a, b in zip(on_policy, on_parent))
     tokens = sum(len(a) for a in on_policy)  # the tokens scored (all, when they fit)
     return {
@@ -242,12 +272,16 @@ def _task_comparison(
     prompts: list[HeldoutPrompt],
     model_cfg: ModelConfig,
     prefix: str,
+    parent_view: PromptView | None = None,
 ) -> tuple[list[tuple[str, Any, Any]], list[dict[str, Any]]]:
     """Greedy replies of both models on the task's held-out prompts, judged: mean score, win /
     tie / loss per prompt, accuracy where the task tells correct replies, reply traits and
     lengths. Adds the metrics to ``m``; returns the table rows and the per-prompt samples."""
     mine = greedy_replies(policy, tokenizer, prompts, model_cfg)
-    theirs = greedy_replies(parent, tokenizer, prompts, model_cfg)
+    parent_prompts = prompts
+    if parent_view is not None:
+        parent_prompts = [replace(p, messages=parent_view(p.messages)) for p in prompts]
+    theirs = greedy_replies(parent, tokenizer, parent_prompts, model_cfg)
     judge = task.judge()
     messages = [p.messages for p in prompts]
     s_mine = judge.score_all(messages, mine)
@@ -358,11 +392,14 @@ def compare_with_parent(
     policy_name: str = "policy",
     parent_name: str = "parent",
     prefix: str = "compare",
+    parent_view: PromptView | None = None,
 ) -> Comparison:
     """Score ``policy`` against ``parent`` (see the module docstring); nothing is trained.
 
     ``task=None`` skips the task metrics (reward, win rate, accuracy; the KL prompts come from
     the held-out pairs then); ``heldout_pairs`` empty skips the preference metrics.
+    ``parent_view`` rewrites each prompt the parent sees (greedy replies, KL, pairs); the
+    judge still scores the reply against the plain prompt.
     """
     m: dict[str, float] = {}
     rows: list[tuple[str, Any, Any]] = []
@@ -374,7 +411,7 @@ def compare_with_parent(
         if step == "greedy" and task is not None:
             prompts = task.heldout_prompts()
             task_rows, samples = _task_comparison(
-                m, policy, parent, tokenizer, task, prompts, model_cfg, prefix
+                m, policy, parent, tokenizer, task, prompts, model_cfg, prefix, parent_view
             )
             rows += task_rows
             kl_prompts = [p.messages for p in prompts]
@@ -393,6 +430,7 @@ def compare_with_parent(
                     model_cfg,
                     temperature=temperature,
                     seed=seed,
+                    parent_view=parent_view,
                 )
                 m.update({f"{prefix}/{k}": v for k, v in kl.items()})
                 rows.append(
@@ -400,7 +438,13 @@ def compare_with_parent(
                 )
         elif step == "pairs" and heldout_pairs:
             pol_c, pol_r = preference_logps(policy, tokenizer, heldout_pairs)
-            par_c, par_r = preference_logps(parent, tokenizer, heldout_pairs)
+            parent_pairs = heldout_pairs
+            if parent_view is not None:
+                parent_pairs = [
+                    p if isinstance(p["prompt"], str) else {**p, "prompt": parent_view(p["prompt"])}
+                    for p in heldout_pairs
+                ]
+            par_c, par_r = preference_logps(parent, tokenizer, parent_pairs)
             pol_margin, par_margin = pol_c - pol_r, par_c - par_r
             implicit = (pol_c - par_c) - (pol_r - par_r)
             m.update(
@@ -427,4 +471,4 @@ def compare_with_parent(
                 ("implicit reward accuracy", None, m[f"{prefix}/implicit_reward_accuracy"]),
             ]
     table = _table(rows, policy_name, parent_name)
-    return Comparison(metrics=m, table=table, samples=samples)
+    return Comparison(metrics=m, table=table, samples=samples, rows=rows)

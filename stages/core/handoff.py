@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from stages.config_files import CONF_DIR
+from stages.core.stage_spec import REPLAY_STAGES
 
 log = logging.getLogger(__name__)
 
@@ -259,6 +260,13 @@ def defining_config(resolved: Mapping[str, Any]) -> dict[str, Any]:
             node = node.get(key) if isinstance(node, dict) else None
         if isinstance(node, dict):
             node.pop(leaf, None)
+    # data.mix changes only the stages that replay it: a chain's shared ARGS
+    # (`make sft dpo ARGS="data.mix.source=sft"`) must not make a finished SFT stale.
+    stage = out.get("stage")
+    if isinstance(stage, dict) and stage.get("name") not in REPLAY_STAGES:
+        data = out.get("data")
+        if isinstance(data, dict):
+            data.pop("mix", None)
     return out
 
 

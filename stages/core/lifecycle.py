@@ -471,3 +471,33 @@ class StageRun:
         }
         handoff.finalize_stage(self.run_dir, manifest, metrics)
         log.info("%s DONE -> %s", self.name, self.run_dir)
+
+
+def finished_for_target(cfg: DictConfig, stage: str) -> dict[str, Any] | None:
+    """The manifest of ``stage``'s finished run when it describes exactly the current
+    ``stage.target`` checkpoint with the current config (a non-training stage that reads a
+    target, eval or export, is a no-op only then); None otherwise."""
+    typed = validate_config(cfg)
+    run_dir = handoff.stage_dir(
+        typed.paths.runs_root, typed.experiment_name, stage, typed.paths.variant
+    )
+    if not handoff.is_done(run_dir):
+        return None
+    try:
+        recorded = json.loads((run_dir / handoff.MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    previous = recorded.get("target") or {}
+    target_dir = handoff.stage_dir(typed.paths.runs_root, typed.experiment_name, typed.stage.target)
+    manifest = target_dir / handoff.MANIFEST
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    same_config = recorded.get("fingerprint", {}).get("config_sha256") == handoff.config_sha256(
+        handoff.defining_config(resolved)  # type: ignore[arg-type]
+    )
+    current = (
+        same_config
+        and previous.get("stage") == typed.stage.target
+        and manifest.is_file()
+        and previous.get("manifest_sha256") == handoff.file_sha256(manifest)
+    )
+    return recorded if current else None

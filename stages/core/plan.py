@@ -61,7 +61,8 @@ def build_plan(raw: DictConfig, overrides: list[str] | None = None) -> Plan:
     """The plan for one composed config; ``overrides`` (the command line) shape the hints."""
     cfg = validate_config(raw)
     stage = cfg.stage.name
-    run_dir = handoff.stage_dir(cfg.paths.runs_root, cfg.experiment_name, stage, cfg.paths.variant)
+    variant = cfg.stage.run_variant(cfg.paths.variant)
+    run_dir = handoff.stage_dir(cfg.paths.runs_root, cfg.experiment_name, stage, variant)
     plan = Plan(stage=stage, run_dir=run_dir, state=_state(cfg, run_dir))
     plan.lines += [
         f"run dir:    {run_dir} ({plan.state})",

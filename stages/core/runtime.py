@@ -27,6 +27,11 @@ def is_main_process() -> bool:
     return get_cpu_distributed_information().rank == 0
 
 
+def process_rank() -> int:
+    """This process's rank (0 for a plain single process)."""
+    return get_cpu_distributed_information().rank
+
+
 def world_size() -> int:
     """Processes in this job (1 for a plain single process)."""
     return get_cpu_distributed_information().world_size

@@ -23,7 +23,7 @@ from omegaconf.errors import MissingMandatoryValue
 
 from stages.core.bounds import SEED, Bound, at_least, out_of_bounds, positive, unit_interval
 from stages.core.run_paths import run_path_problems
-from stages.core.stage_spec import KNOWN_PEFT_METHODS, stage_names, stage_spec
+from stages.core.stage_spec import KNOWN_PEFT_METHODS, REPLAY_STAGES, stage_names, stage_spec
 
 # peft.method: "none" trains every weight; the others are peft adapters.
 PEFT_METHODS = KNOWN_PEFT_METHODS  # none = full weights; the rest are peft adapter methods
@@ -283,6 +283,11 @@ class ToyTaskConfig:
     train_seed: int = 1  # seed of the training prompts (disjoint from eval_seed's)
     eval_seed: int = 2  # seed of the held-out prompts
     eval_fraction: float = 0.1  # share of all (A, B) pairs reserved for evaluation only
+    # The second skill, `Reverse: abc` -> `cba.` (always demonstrated correctly): SFT learns
+    # it, no preference data touches it, so later stages' accuracy on it measures forgetting.
+    # More rows = a better-learned skill, fewer SFT steps on addition; 0 = addition only.
+    num_reversal_train: int = 2000
+    num_reversal_eval: int = 200  # its held-out prompts (forgetting/reversal)
 
     PREFIX = "data.toy."
     BOUNDS = {
@@ -297,6 +302,8 @@ class ToyTaskConfig:
         "train_seed": SEED,
         "eval_seed": SEED,
         "eval_fraction": unit_interval(low_inclusive=False, high_inclusive=False),
+        "num_reversal_train": at_least(0),
+        "num_reversal_eval": at_least(0),
     }
 
     def __post_init__(self) -> None:
@@ -402,6 +409,45 @@ class PromptsConfig:
             )
 
 
+REPLAY_SOURCES = ("none", "sft", "file")
+# SFT and the RM run before a replaying stage (REPLAY_STAGES) and ignore data.mix, so one ARGS
+# serves a whole `make sft rm ppo` chain; eval and export train nothing.
+REPLAY_IGNORED_BY = ("sft", "rm", "eval", "export")
+
+
+@dataclass
+class ReplayMixConfig:
+    """Replay: SFT demonstrations mixed into a later stage's loss as a language-modelling
+    term (PPO-ptx in InstructGPT), so aligning on one task forgets less of what SFT taught."""
+
+    # none = no replay; sft = this experiment's SFT data (data.sft) minus the SFT stage's
+    # held-out rows; file = any SFT-format file (path).
+    source: str = "none"
+    path: str | None = None  # source=file: JSONL / JSON / Parquet demonstrations
+    format: str = "auto"  # source=file: auto-detect, or messages|prompt_completion|alpaca|sharegpt
+    # Weight of the replay NLL next to the stage's own loss (DPO/KTO), or PPO-ptx's
+    # coefficient (PPO): higher keeps more of SFT's behaviour and moves less towards the reward.
+    coef: float = 1.0
+    # Replay rows in each micro-batch's term: more = a steadier term, slower steps.
+    rows_per_step: int = 16
+
+    PREFIX = "data.mix."
+    BOUNDS = {"coef": at_least(0.0), "rows_per_step": at_least(1)}
+
+    def __post_init__(self) -> None:
+        check_choice("data.mix.source", self.source, REPLAY_SOURCES)
+        check_bounds(self, self.PREFIX, self.BOUNDS)
+        if self.source == "file" and not self.path:
+            report_problem(
+                "data.mix.source=file needs data.mix.path=<an SFT-format file (.jsonl, .json or "
+                ".parquet)>, or use data.mix.source=sft to replay the SFT data"
+            )
+
+    @property
+    def enabled(self) -> bool:
+        return self.source != "none" and self.coef > 0
+
+
 @dataclass
 class DataConfig:
     """Data recipes for every stage of an experiment."""
@@ -411,6 +457,7 @@ class DataConfig:
     sft: SFTDataConfig = field(default_factory=SFTDataConfig)  # demonstrations for SFT
     pairs: PairsConfig = field(default_factory=PairsConfig)  # comparisons for DPO and the RM
     prompts: PromptsConfig = field(default_factory=PromptsConfig)  # the task's prompts
+    mix: ReplayMixConfig = field(default_factory=ReplayMixConfig)  # replay of SFT data
     # Warn when more than this share of the rows read is dropped (too long, duplicate, ...).
     max_dropped_fraction: float = 0.2
 
@@ -484,6 +531,11 @@ class StageConfig:
         "save_total_limit": at_least(1),
         "num_eval_samples_logged": at_least(0),
     }
+
+    def run_variant(self, variant: str) -> str:
+        """The run dir's variant (paths.variant); a stage may pick its own (the eval stage's
+        baselines: runs/<exp>/eval/vs_base/)."""
+        return variant
 
     def __post_init__(self) -> None:
         check_choice("stage.parent_adapter", self.parent_adapter, ("continue", "merge"))
@@ -586,6 +638,14 @@ class Config:
             _check_data_file(key, path)
         for problem in stage.cross_group_problems(self):
             report_problem(problem)
+        mix = self.data.mix
+        if mix.enabled and stage.name not in (*REPLAY_STAGES, *REPLAY_IGNORED_BY):
+            report_problem(
+                f"data.mix.source={mix.source} (replay) works in {list(REPLAY_STAGES)}, not in "
+                f"stage {stage.name}: drop data.mix.* for it"
+            )
+        if mix.enabled and mix.source == "file" and stage.name in REPLAY_STAGES and mix.path:
+            _check_data_file("data.mix.path", mix.path)
         if "fp16" in (self.precision, self.peft.bnb_4bit_compute_dtype) and not _has_cuda():
             key = "precision" if self.precision == "fp16" else "peft.bnb_4bit_compute_dtype"
             report_problem(

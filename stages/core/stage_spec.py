@@ -19,6 +19,8 @@ DATA_KINDS = ("sft", "pairs", "labelled", "prompts")
 # Every peft.method (none = full weights): the one list, which the peft schema
 # (stages.core.schema.PEFT_METHODS) and the registry use. This module imports nothing.
 KNOWN_PEFT_METHODS = ("none", "lora", "dora", "ia3", "prefix", "prompt")
+# Stages whose loss takes data.mix's replay term (DPO/KTO: an NLL term; PPO: PPO-ptx).
+REPLAY_STAGES = ("dpo", "kto", "ppo")
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from stages.core.comparison import Comparison, compare_with_parent
+from stages.core.comparison import Comparison, compare_with_parent, with_rows
+from stages.core.forgetting import forgetting_metrics, lineage_sft
 from stages.core.handoff import write_jsonl_atomic
 from stages.core.models import LoadedModel, load_stage_model, load_trainable_model
 from stages.core.runtime import is_main_process
@@ -95,6 +96,11 @@ def compare_and_report(
         policy_name=stage.name,
         parent_name=stage.parent.stage,
     )
+    # What the stage kept of the SFT's other skills and held-out replies, next to its parent.
+    c = stage.cfg
+    sft = lineage_sft(stage.parent, c.paths.runs_root, c.experiment_name)
+    forgetting, rows = forgetting_metrics(policy, parent_policy, tokenizer, task, c.model, sft)
+    comparison = with_rows(comparison, forgetting, rows, stage.name, stage.parent.stage)
     report_comparison(stage, comparison, metrics, heldout_pairs=heldout_pairs)
     return comparison
 

@@ -6,6 +6,8 @@ A `Task` supplies
   on-policy pairs are sampled from; never one of the held-out prompts;
 - **held-out prompts** (`heldout_prompts()`): what every stage's comparison with its parent
   (`stages.core.comparison`) and the SFT eval (`stages.core.task_eval`) generate on;
+- **retained skills** (`retained_skills()`): other skills SFT taught, with held-out prompts and
+  a rule judge each, whose accuracy after a later stage measures forgetting;
 - a **judge** (`judge()`: a `data_recipes.pairs.Judge`, batched, ``(prompt, reply) -> score``);
   a task whose scores mean correct / incorrect says so (`correct`), and its comparison then
   reports accuracy too.
@@ -55,6 +57,17 @@ class HeldoutPrompt:
     fields: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class RetainedSkill:
+    """A skill SFT teaches that no later stage's data touches: its held-out prompts and a
+    rule judge (1.0 = correct). A later stage's accuracy on it measures forgetting
+    (`stages.core.forgetting`)."""
+
+    name: str
+    prompts: list[HeldoutPrompt]
+    judge: Judge
+
+
 class Task(ABC):
     """Training prompts, held-out prompts and a judge (see the module docstring)."""
 
@@ -93,6 +106,10 @@ class Task(ABC):
     def eval_flags(self) -> dict[str, Callable[[str], bool]]:
         """The traits the SFT eval reports (`stages.core.task_eval`); default `reply_flags`."""
         return self.reply_flags()
+
+    def retained_skills(self) -> list[RetainedSkill]:
+        """Skills SFT taught besides the task, each measured for forgetting; default none."""
+        return []
 
     def heldout_keys(self) -> set[str]:
         """Normalised held-out prompts: no training pair or prompt may be one of them."""

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback
 
 from stages.core.runtime import use_cpu
+from stages.core.validation import validation_trainer_arguments
 
 if TYPE_CHECKING:
     from stages.core.lifecycle import StageRun
@@ -38,6 +39,11 @@ _SHOWN = {
     "margin": "margin",
     "reward": "reward",
     "kl": "kl",
+    # Validation (stages.core.validation): the metric that picks final/ and its companions.
+    "eval_loss": "eval_loss",
+    "eval_mean_token_accuracy": "eval_token_acc",
+    "eval_accuracy": "eval_acc",
+    "eval_rewards/accuracies": "eval_reward_acc",
 }
 
 
@@ -68,6 +74,8 @@ def trainer_arguments(stage: StageRun) -> dict[str, Any]:
         "disable_tqdm": False,
         **stage.precision.trainer_flags,
     }
+    # Validation on: evaluate and checkpoint every eval_steps, reload the best at the end.
+    args.update(validation_trainer_arguments(knobs))
     args.update(knobs.trainer_overrides)
     return args
 

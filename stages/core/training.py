@@ -3,8 +3,9 @@
 Adds what each stage needs around ``trainer.train()``: the checkpoint-completeness marker
 (``CheckpointCompletion``), one readable log line per logging step, the check that the
 trainer holds exactly the rows the data accounting kept, the resume from the stage's last
-complete checkpoint, and training metrics computed from the whole log history (the same after
-a resume as without one).
+complete checkpoint, early stopping and the validation record (``stages.core.validation``),
+and training metrics computed from the whole log history (the same after a resume as without
+one).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from transformers import Trainer
 from stages.core.checkpoints import CheckpointCompletion, logged_training_loss
 from stages.core.data_accounting import check_trainer_rows
 from stages.core.trainer_args import loss_curve, readable_progress
+from stages.core.validation import early_stopping, record_validation
 
 if TYPE_CHECKING:
     from stages.core.lifecycle import StageRun
@@ -28,6 +30,9 @@ def train_resumably(
     ``train/loss`` over the whole run, the loss curve, steps and runtime. Stage-specific
     trends come from ``trainer.state.log_history`` afterwards."""
     trainer.add_callback(CheckpointCompletion())
+    stopper = early_stopping(stage.cfg.stage)  # None unless validation and patience are on
+    if stopper is not None:
+        trainer.add_callback(stopper)
     readable_progress(trainer, stage.name)  # one line per logging step, no raw dicts
     check_trainer_rows(trainer.train_dataset, expected_rows, stage.name, args)
     resume = str(stage.resume_checkpoint) if stage.resume_checkpoint else None
@@ -38,4 +43,6 @@ def train_resumably(
         **loss_curve(history),
         "train/steps": trainer.state.global_step,
         "train/runtime_s": output.metrics.get("train_runtime"),
+        # The curve, best step and early stop into the manifest's `validation` (if on).
+        **record_validation(stage, trainer),
     }

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from stages.core.bounds import Bound, at_least, positive
 from stages.core.schema import StageConfig, check_choice, report_problem
+from stages.core.validation import VALIDATION_BOUNDS, ValidationKnobs
 
 if TYPE_CHECKING:
     from stages.core.schema import Config
@@ -16,7 +17,7 @@ ROUND_PAIRS = ("accumulate", "fresh")
 
 
 @dataclass
-class DPOStageConfig(StageConfig):
+class DPOStageConfig(ValidationKnobs, StageConfig):
     name: str = "dpo"
     parent: str | None = "sft"  # reference = the frozen SFT policy
     learning_rate: float = 2e-4  # far below SFT's: DPO moves a trained policy
@@ -43,8 +44,12 @@ class DPOStageConfig(StageConfig):
     # steps, so a round on a few hundred pairs does not overfit them.
     round_max_epochs: float = 3.0
 
+    # token_accuracy: the policy's top-1 agreement with the held-out chosen replies; it falls
+    # when plain DPO over-optimises (pushes chosen and rejected likelihoods down together).
+    VALIDATION_METRICS = ("loss", "reward_accuracy", "token_accuracy")
     BOUNDS = {
         **StageConfig.BOUNDS,
+        **VALIDATION_BOUNDS,
         "beta": positive(),
         "label_smoothing": Bound(low=0, high=0.5, high_inclusive=False),  # 0.5 = coin flips
         "sft_weight": at_least(0),
@@ -61,6 +66,13 @@ class DPOStageConfig(StageConfig):
                 f"stage.rounds={self.rounds} continues each round's adapter, which "
                 "stage.parent_adapter=merge does not keep on the merged SFT base: use "
                 "stage.parent_adapter=continue (the default) or stage.rounds=1"
+            )
+        if self.rounds > 1 and self.validation_fraction > 0:
+            # Each round trains on new pairs: one split and one best step do not fit rounds.
+            report_problem(
+                f"stage.rounds={self.rounds} with stage.validation_fraction="
+                f"{self.validation_fraction}: iterative DPO has no per-round validation; use "
+                "stage.validation_fraction=0 (the default) or stage.rounds=1"
             )
 
     def cross_group_problems(self, cfg: Config) -> list[str]:

@@ -16,12 +16,15 @@ The reference is always the SFT policy, never the bare base (`stages.core.refere
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
+import datasets
 from omegaconf import DictConfig
 from trl import DPOConfig, DPOTrainer
 
+from data_recipes.validation_split import preference_row_prompt
 from stages.core.lifecycle import StageRun
 from stages.core.models import load_tokenizer
 from stages.core.reference_policy import (
@@ -29,6 +32,7 @@ from stages.core.reference_policy import (
     reference_model_arg,
     save_without_reference,
 )
+from stages.core.replay import stage_replay, with_replay
 from stages.core.stage_pairs import stage_preference_pairs
 from stages.core.stage_steps import (
     HELDOUT_PAIRS,
@@ -38,6 +42,7 @@ from stages.core.stage_steps import (
     trainable_model,
 )
 from stages.core.trainer_args import trainer_arguments
+from stages.core.validation import best_checkpoint_reloaded, hold_out_validation
 from stages.dpo.rounds import RoundInputs, finish_rounds, train_dpo, train_rounds
 
 log = logging.getLogger(__name__)
@@ -71,6 +76,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         # {loss_type: [sigmoid, sft], loss_weights: [1.0, 0.2]} (RPO-style).
         args = DPOConfig(**{**dpo_args, **trainer_arguments(stage)})
 
+        # data.mix: SFT demonstrations replayed as an NLL term next to the DPO loss.
+        trainer_class = with_replay(DPOTrainer, stage_replay(stage, tokenizer), c.data.mix.coef)
+
         # 2. Preference pairs from a file are read and validated before any weights load.
         from_file = c.data.pairs.source == "file"
         pair_set = stage_preference_pairs(stage, tokenizer, task=task) if from_file else None
@@ -82,19 +90,27 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             pair_set = stage_preference_pairs(stage, tokenizer, policy=sft_policy, task=task)
         log.info("dpo: %d train pairs, %d held out", len(pair_set.train), len(pair_set.heldout))
 
+        # stage.validation_fraction of the train pairs' prompts held out (rounds=1 only):
+        # evaluated every eval_steps, the best checkpoint becomes final/.
+        train_pairs, validation_pairs = hold_out_validation(
+            stage, pair_set.train, preference_row_prompt
+        )
+        pair_set = dataclasses.replace(pair_set, train=train_pairs)
+
         rounds: list[dict[str, Any]] = []
         if knobs.rounds > 1:
             # 4-6. Iterative DPO: every round not trained yet, the last one saved as final/.
-            inputs = RoundInputs(tokenizer, dpo_args, sft_policy, task, pair_set)
+            inputs = RoundInputs(tokenizer, dpo_args, sft_policy, task, pair_set, trainer_class)
             policy, rounds = train_rounds(stage, inputs)
         elif stage.final_record is None:
             # 4. Policy: the SFT adapter continued (LoRA/QLoRA) or the SFT full weights.
             loaded = trainable_model(stage)
-            trainer = DPOTrainer(
+            trainer = trainer_class(
                 model=loaded.model,
                 ref_model=reference_model_arg(loaded, sft_policy),
                 args=args,
                 train_dataset=pair_set.train_dataset(),
+                eval_dataset=validation_pairs and datasets.Dataset.from_list(validation_pairs),
                 processing_class=tokenizer,
             )
 
@@ -110,7 +126,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 train_metrics=train_metrics,
                 save=save_without_reference(loaded, tokenizer, trainer),
             )
-            policy = trainer.model
+            # The best checkpoint reloaded into the trainer can differ from final/: use final/.
+            reload = best_checkpoint_reloaded(stage)
+            policy = frozen_policy(stage, stage.final_stage()) if reload else trainer.model
         else:  # an earlier attempt trained and saved final/, then failed
             policy = frozen_policy(stage, stage.final_stage())
         metrics: dict[str, Any] = dict(stage.final_record["train_metrics"])

@@ -76,6 +76,7 @@ class RoundInputs:
     sft_policy: torch.nn.Module
     task: Task | None
     first_pairs: PairSet
+    trainer_class: type = DPOTrainer  # DPOTrainer, or its replay subclass (data.mix)
 
 
 def train_dpo(
@@ -328,7 +329,7 @@ def train_rounds(stage: StageRun, inputs: RoundInputs) -> tuple[torch.nn.Module,
         if r > 1:
             args.max_steps = round_steps(args, len(pair_set.train), knobs.round_max_epochs)
             args.warmup_steps = int(knobs.warmup_ratio * args.max_steps)
-        trainer = DPOTrainer(
+        trainer = inputs.trainer_class(
             model=loaded.model,
             ref_model=ref_model,
             args=args,

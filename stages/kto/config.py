@@ -10,13 +10,14 @@ from dataclasses import dataclass
 
 from stages.core.bounds import at_least, positive
 from stages.core.schema import StageConfig, check_choice, report_problem
+from stages.core.validation import VALIDATION_BOUNDS, ValidationKnobs
 
 # TRL's KTOConfig.loss_type choices.
 KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
 
 
 @dataclass
-class KTOStageConfig(StageConfig):
+class KTOStageConfig(ValidationKnobs, StageConfig):
     name: str = "kto"
     parent: str | None = "sft"  # reference = the frozen SFT policy
     # LoRA: keep training the SFT adapter; TRL keeps a frozen copy as the reference.
@@ -40,6 +41,7 @@ class KTOStageConfig(StageConfig):
 
     BOUNDS = {
         **StageConfig.BOUNDS,
+        **VALIDATION_BOUNDS,
         "beta": positive(),
         "desirable_weight": at_least(0),
         "undesirable_weight": at_least(0),

@@ -15,12 +15,15 @@ adapter active (``use_adapter``), not with adapters disabled.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
+import datasets
 from omegaconf import DictConfig
 from trl import KTOConfig, KTOTrainer
 
+from data_recipes.validation_split import preference_row_prompt
 from stages.core.lifecycle import StageRun
 from stages.core.models import load_tokenizer
 from stages.core.reference_policy import (
@@ -29,6 +32,7 @@ from stages.core.reference_policy import (
     reference_model_arg,
     save_without_reference,
 )
+from stages.core.replay import stage_replay, with_replay
 from stages.core.stage_steps import (
     HELDOUT_PAIRS,
     compare_and_report,
@@ -38,6 +42,7 @@ from stages.core.stage_steps import (
 )
 from stages.core.trainer_args import first_and_last, trainer_arguments
 from stages.core.training import train_resumably
+from stages.core.validation import best_checkpoint_reloaded, hold_out_validation
 from stages.kto.data import kto_rows, with_heldout_path
 
 log = logging.getLogger(__name__)
@@ -73,6 +78,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "dataset_num_proc": None,
         }
         args = KTOConfig(**{**kto_args, **trainer_arguments(stage)})
+        # data.mix: SFT demonstrations replayed as an NLL term next to the KTO loss.
+        trainer_class = with_replay(KTOTrainer, stage_replay(stage, tokenizer), c.data.mix.coef)
 
         # 2. A pairs or labelled-reply file is read and validated before any weights load.
         from_file = c.data.pairs.source == "file"
@@ -83,6 +90,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         sft_policy = frozen_policy(stage, parent)
         if data is None:  # on-policy: the SFT policy's own samples, judged by rule or RM
             data = kto_rows(stage, tokenizer, policy=sft_policy, task=task)
+        # stage.validation_fraction of the train replies' prompts held out: evaluated every
+        # eval_steps, the best checkpoint becomes final/.
+        train_replies, validation_replies = hold_out_validation(
+            stage, data.train, preference_row_prompt
+        )
+        data = dataclasses.replace(data, train=train_replies)
         counts = data.info["unpaired"]
         log.info(
             "kto: %d train replies (%d desirable, %d undesirable), %d held-out pairs",
@@ -92,11 +105,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if stage.final_record is None:
             # 4. Policy: the SFT adapter continued (LoRA/QLoRA) or the SFT full weights.
             loaded = trainable_model(stage)
-            trainer = KTOTrainer(
+            trainer = trainer_class(
                 model=loaded.model,
                 ref_model=reference_model_arg(loaded, sft_policy),
                 args=args,
                 train_dataset=data.train_dataset(),
+                eval_dataset=validation_replies and datasets.Dataset.from_list(validation_replies),
                 processing_class=tokenizer,
             )
             check_reference(trainer.model, "KTOTrainer")
@@ -118,7 +132,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 train_metrics=train_metrics,
                 save=save_without_reference(loaded, tokenizer, trainer),
             )
-            policy = trainer.model
+            # The best checkpoint reloaded into the trainer can differ from final/: use final/.
+            reload = best_checkpoint_reloaded(stage)
+            policy = frozen_policy(stage, stage.final_stage()) if reload else trainer.model
         else:  # an earlier attempt trained and saved final/, then failed
             policy = frozen_policy(stage, stage.final_stage())
         metrics: dict[str, Any] = dict(stage.final_record["train_metrics"])

@@ -57,6 +57,7 @@ from stages.core.models import (
     resolve_base_model,
 )
 from stages.core.models import save_final as save_model
+from stages.core.replay import stage_replay
 from stages.core.reward_scoring import load_reward_model
 from stages.core.reward_scoring import resolve_reward_stage as reward_stage_of
 from stages.core.runtime import is_main_process, use_cpu
@@ -284,6 +285,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             trainer = PPOTrainer(
                 hyper, built.roles, prompts, tokenizer=tokenizer,
                 accelerator=Accelerator(cpu=use_cpu()), output_dir=stage.run_dir, on_log=on_log,
+                replay=stage_replay(stage, tokenizer), ptx_coef=c.data.mix.coef,
             )  # fmt: skip
             checkpoint = trainer.latest_checkpoint()
             if checkpoint is not None:

@@ -41,6 +41,7 @@ from stages.core.handoff import (
     is_complete_checkpoint,
     mark_checkpoint_complete,
 )
+from stages.core.replay import ReplayBatches, masked_nll, replay_layout
 from stages.ppo.advantages import compute_advantages, masked_mean
 from stages.ppo.config import PPOConfigError, PPOHyperparams
 from stages.ppo.losses import clipped_policy_loss, clipped_value_loss, logprobs_from_logits
@@ -188,6 +189,8 @@ class PPOTrainer:
         output_dir: where ``checkpoint-N`` directories go (None: no automatic checkpoints).
         on_log: called as ``on_log(metrics, update)`` every ``logging_steps`` updates, on
             every process (metrics are already averaged over processes).
+        replay, ptx_coef: PPO-ptx (``data.mix``): each micro-batch's loss adds ``ptx_coef``
+            times the NLL of one batch of replayed SFT demonstrations.
     """
 
     def __init__(
@@ -202,6 +205,8 @@ class PPOTrainer:
         accelerator: Accelerator | None = None,
         output_dir: str | Path | None = None,
         on_log: LogCallback | None = None,
+        replay: ReplayBatches | None = None,
+        ptx_coef: float = 0.0,
     ) -> None:
         config.validate_ppo()
         self.config = config
@@ -209,6 +214,9 @@ class PPOTrainer:
         self.accelerator = accelerator or Accelerator()
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.on_log = on_log
+        self.replay = replay if ptx_coef > 0 else None
+        self.ptx_coef = ptx_coef
+        self._micro_index = 0  # micro-batches of this update so far: picks the replay rows
         with roles.generation_policy() as policy:
             context = context_length(policy)
         self.prompts = fit_prompts_to_context(
@@ -321,6 +329,7 @@ class PPOTrainer:
             )  # fmt: skip
 
         step_stats: dict[str, list[torch.Tensor]] = {}
+        self._micro_index = 0
         for _ in range(cfg.num_ppo_epochs):
             order = torch.randperm(self.local_batch, generator=self.shuffle_generator).to(device)
             for start in range(0, self.local_batch, self.minibatch):
@@ -384,6 +393,9 @@ class PPOTrainer:
             cfg.cliprange_value,
         )  # fmt: skip
         loss = policy.loss + cfg.vf_coef * value.loss
+        ptx = self._ptx_loss() if self.replay is not None else None
+        if ptx is not None:
+            loss = loss + self.ptx_coef * ptx
         with torch.no_grad():
             scaled = logits.detach().float() / cfg.temperature
             entropy = masked_mean(entropy_from_logits(scaled), mask)
@@ -396,7 +408,19 @@ class PPOTrainer:
             "loss/value": value.loss.detach(),
             "val/clipfrac": value.clipfrac,
         }
+        if ptx is not None:
+            stats["loss/ptx"] = ptx.detach()
         return loss, stats
+
+    def _ptx_loss(self) -> torch.Tensor:
+        """PPO-ptx: NLL per reply token of this micro-batch's replayed demonstrations, through
+        the same train module (a function of update and micro-batch index, so resumable)."""
+        assert self.replay is not None
+        batch = self.replay.batch(self.step, self._micro_index).to(self.accelerator.device)
+        self._micro_index += 1
+        ids, attention, positions = replay_layout(batch)
+        logits, _ = self.train_module(ids, attention, positions, batch.response_ids.shape[1])
+        return masked_nll(logits, batch)
 
     def _update_metrics(
         self,

@@ -6,10 +6,11 @@ from dataclasses import dataclass
 
 from stages.core.bounds import at_least, positive
 from stages.core.schema import StageConfig
+from stages.core.validation import VALIDATION_BOUNDS, ValidationKnobs
 
 
 @dataclass
-class RMStageConfig(StageConfig):
+class RMStageConfig(ValidationKnobs, StageConfig):
     name: str = "rm"
     parent: str | None = "sft"  # the RM starts from the SFT model's weights
     # continue: a SEQ_CLS adapter initialised from the SFT adapter, on the same base (PPO then
@@ -23,8 +24,10 @@ class RMStageConfig(StageConfig):
     use_margin: bool = False  # use a `margin` column in the loss when the data has one
     head_learning_rate: float | None = None  # LR of the new score head; None = learning_rate
 
+    VALIDATION_METRICS = ("loss", "pairwise_accuracy")
     BOUNDS = {
         **StageConfig.BOUNDS,
+        **VALIDATION_BOUNDS,
         "center_rewards_coefficient": at_least(0, nullable=True),
         "head_learning_rate": positive(nullable=True),
     }

@@ -16,12 +16,14 @@ Loading the result (PPO's reward/value roles, the reward-model judge):
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import re
 from pathlib import Path
 from typing import Any
 
+import datasets
 import torch
 from omegaconf import DictConfig
 from peft import PeftModel
@@ -29,6 +31,7 @@ from safetensors import safe_open
 from trl import RewardConfig, RewardTrainer
 
 from data_recipes import toy
+from data_recipes.validation_split import preference_row_prompt
 from stages.core.handoff import write_jsonl_atomic
 from stages.core.lifecycle import StageRun
 from stages.core.models import load_tokenizer
@@ -43,6 +46,7 @@ from stages.core.trainer_args import (
     trainer_arguments,
 )
 from stages.core.training import train_resumably
+from stages.core.validation import best_checkpoint_reloaded, hold_out_validation
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +215,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
         # 2. Preference pairs; RewardTrainer subtracts a `margin` column whenever it is present.
         pair_set = stage_preference_pairs(stage, tokenizer)
+        # stage.validation_fraction of the train pairs' prompts held out: evaluated every
+        # eval_steps, the best checkpoint becomes final/.
+        train_pairs, validation_pairs = hold_out_validation(
+            stage, pair_set.train, preference_row_prompt
+        )
+        pair_set = dataclasses.replace(pair_set, train=train_pairs)
         train_rows = pair_set.train_dataset()
+        validation_rows = validation_pairs and datasets.Dataset.from_list(validation_pairs)
         has_margin = "margin" in train_rows.column_names
         if knobs.use_margin and not has_margin:
             raise ConfigError(
@@ -221,6 +232,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             )
         if has_margin and not knobs.use_margin:
             train_rows = train_rows.remove_columns("margin")
+            if validation_rows:
+                validation_rows = validation_rows.remove_columns("margin")
         log.info("rm: %d train pairs, %d held out", len(pair_set.train), len(pair_set.heldout))
 
         if stage.final_record is None:
@@ -232,6 +245,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 model=loaded.model,
                 args=args,
                 train_dataset=train_rows,
+                eval_dataset=validation_rows or None,
                 processing_class=tokenizer,
                 head_learning_rate=knobs.head_learning_rate,
             )
@@ -256,8 +270,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 train_metrics=train_metrics,
                 save=save,
             )
-            reward_model = trainer.model
+            # The best checkpoint reloaded into the trainer can differ from final/: use final/.
+            reward_model = None if best_checkpoint_reloaded(stage) else trainer.model
         else:  # an earlier attempt trained and saved final/, then failed
+            reward_model = None
+        if reward_model is None:
             reward_model = load_reward_model(
                 stage.final_stage(), c.model, stage.precision, peft_cfg=c.peft
             )

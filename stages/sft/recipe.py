@@ -15,7 +15,9 @@ from omegaconf import DictConfig
 from trl import SFTConfig, SFTTrainer
 
 from data_recipes.sft_data import load_sft_rows
+from data_recipes.validation_split import sft_row_prompt
 from stages.core.data_accounting import sft_rows_to_train
+from stages.core.forgetting import skill_metrics
 from stages.core.lifecycle import StageRun
 from stages.core.models import (
     load_tokenizer,
@@ -28,6 +30,7 @@ from stages.core.task import resolve_task
 from stages.core.task_eval import task_metrics
 from stages.core.trainer_args import trainer_arguments
 from stages.core.training import train_resumably
+from stages.core.validation import best_checkpoint_reloaded, hold_out_validation
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +61,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         train_rows, data_info = sft_rows_to_train(
             sft_rows, tokenizer, args, c.data.max_dropped_fraction
         )
+        # stage.validation_fraction of those prompts held out (written to validation.jsonl):
+        # evaluated every eval_steps, the best checkpoint becomes final/.
+        train_rows, validation_rows = hold_out_validation(stage, train_rows, sft_row_prompt)
 
         if stage.final_record is None:
             # 3. Model: full weights, a LoRA adapter, or LoRA on a 4-bit base.
@@ -68,6 +74,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 model=loaded.model,
                 args=args,
                 train_dataset=train_rows,
+                eval_dataset=validation_rows,
                 processing_class=tokenizer,
             )
             train_metrics = train_resumably(
@@ -83,7 +90,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                     loaded, tokenizer, final_dir, model=trainer.model
                 ),
             )
-            model = trainer.model
+            # The best checkpoint reloaded into the trainer can differ from final/: use final/.
+            reload = best_checkpoint_reloaded(stage)
+            model = frozen_policy(stage, stage.final_stage()) if reload else trainer.model
         else:  # an earlier attempt trained and saved final/, then failed
             model = frozen_policy(stage, stage.final_stage())
 
@@ -97,6 +106,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 model, tokenizer, task, c.model, num_samples_logged=knobs.num_eval_samples_logged
             )
             metrics.update(eval_metrics)
+            # The other skills taught here: what the later stages' forgetting is measured from.
+            metrics.update(skill_metrics(model, tokenizer, task, c.model))
             if "eval/accuracy" in metrics:
                 log.info("sft held-out greedy accuracy: %.3f", metrics["eval/accuracy"])
 

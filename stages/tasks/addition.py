@@ -1,5 +1,6 @@
 """The embedded addition task (`data_recipes.toy`) as a `Task`: its train pool's prompts, its
-held-out prompts, and its rule judge (1.0 when the reply's first integer is A + B)."""
+held-out prompts, its rule judge (1.0 when the reply's first integer is A + B), and the second
+skill SFT teaches (``Reverse: abc``), retained or forgotten by the stages after it."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 
 from data_recipes import pairs as pair_recipes
 from data_recipes import toy
-from stages.core.task import HeldoutPrompt, JudgeLoader, Messages, Task
+from stages.core.task import HeldoutPrompt, JudgeLoader, Messages, RetainedSkill, Task
 
 
 class AdditionTask(Task):
@@ -35,6 +36,13 @@ class AdditionTask(Task):
 
     def judge(self) -> pair_recipes.Judge:
         return pair_recipes.toy_judge()
+
+    def retained_skills(self) -> list[RetainedSkill]:
+        problems = toy.reversal_problems(self.toy_cfg, "eval")
+        if not problems or not self.toy_cfg.num_reversal_train:
+            return []  # not taught, so nothing to forget
+        prompts = [HeldoutPrompt(p.messages(), p.prompt, {"answer": p.answer}) for p in problems]
+        return [RetainedSkill(toy.REVERSAL, prompts, pair_recipes.toy_reversal_judge())]
 
     def cache_inputs(self) -> dict[str, Any]:
         return {"toy": dataclasses.asdict(self.toy_cfg)}

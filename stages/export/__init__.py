@@ -1,0 +1,1 @@
+"""Export stage: config schema (``config``) and recipe (``recipe``, imported only to run)."""
