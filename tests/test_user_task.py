@@ -350,7 +350,25 @@ def test_users_own_task_end_to_end(compose_cfg, tmp_path: Path) -> None:
     cache = Path(dpo_manifest["data"]["cache"]["path"])
     pairs += _read_jsonl(cache / "train.jsonl")
     assert pairs and {r["prompt"][-1]["content"] for r in pairs} <= train_texts
-    _check_comparison(runs / "dpo", heldout_texts, runs / "rm")
+    dpo_metrics = _check_comparison(runs / "dpo", heldout_texts, runs / "rm")
+
+    # Forgetting on their data: the log-likelihood of SFT's held-out replies (its
+    # validation.jsonl), for the stage and its parent.
+    assert (runs / "sft" / "validation.jsonl").is_file()
+    for metrics in (dpo_metrics, json.loads((runs / "ppo" / "metrics.json").read_text())):
+        assert metrics["forgetting/sft_replies/count"] > 0
+        assert metrics["forgetting/sft_replies"] == pytest.approx(
+            metrics["forgetting/sft_replies/parent_loglik_per_token"]
+            - metrics["forgetting/sft_replies/loglik_per_token"]
+        )
+    # Replay of their own SFT-format file, in DPO and as PPO-ptx.
+    mix = ["data.mix.source=file", f"data.mix.path={USER_SFT}", "paths.variant=mix"]
+    dpo.run(compose_cfg("stage=dpo", *USER, *DPO_ON_POLICY, *mix))
+    ppo.run(compose_cfg("stage=ppo", "tracking=none", *USER, *PPO_FAST, *mix, fast=False))
+    for stage in ("dpo", "ppo"):
+        replay = json.loads((runs / stage / "mix" / MANIFEST).read_text())["replay"]
+        assert replay["source"] == "file" and replay["path"] == str(USER_SFT)
+        assert replay["tokenised"] == len(_read_jsonl(USER_SFT))
 
     # GRPO on their prompt file, rewarded by their task's judge: their RM.
     from stages.grpo import recipe as grpo

@@ -28,12 +28,13 @@ from stages.core.handoff import ParentStage, resolve_parent
 from stages.core.schema import ModelConfig
 from stages.core.task import RetainedSkill, Task
 from stages.core.task_eval import greedy_replies
+from stages.core.validation import VALIDATION_ROWS
 
 log = logging.getLogger(__name__)
 
 PREFIX = "forgetting"
 SFT_STAGE = "sft"
-SFT_HELDOUT_ROWS = "validation.jsonl"  # the SFT stage's validation split (stages/sft)
+SFT_HELDOUT_ROWS = VALIDATION_ROWS  # the SFT stage's validation split
 SFT_REPLIES = "sft_replies"
 # Held-out SFT replies scored per model: enough for a stable mean, cheap next to the eval.
 MAX_SFT_REPLIES = 256

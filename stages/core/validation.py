@@ -77,7 +77,8 @@ class ValidationKnobs:
     # Least improvement of the metric (absolute) that resets the patience: higher stops sooner.
     early_stopping_threshold: float = 0.0
     # What picks final/ and drives early stopping: loss (lower is better), or an accuracy the
-    # stage logs (SFT token_accuracy, RM pairwise_accuracy, DPO reward_accuracy; higher wins).
+    # stage logs (SFT token_accuracy, RM pairwise_accuracy, DPO reward_accuracy or
+    # token_accuracy; higher wins).
     validation_metric: str = "loss"
 
     # The metrics this stage can choose by (a class attribute, not a knob: no annotation).
