@@ -302,5 +302,6 @@ def test_default_sft_then_rm_reaches_heldout_accuracy(compose_cfg, tmp_path, def
     """`make sft rm` on the embedded default (tracking off): held-out accuracy >= 0.85."""
     copy_run(default_sft, tmp_path / "runs", "sft")
     metrics = rm.run(compose_cfg("stage=rm", "tracking=none", fast=False))
-    assert metrics["eval/heldout_pairs"] >= 100
+    # ~1.8k pairs kept of 3000 prompts (all-tie prompts dropped), 5 % held out: 92 measured.
+    assert metrics["eval/heldout_pairs"] >= 80
     assert metrics["eval/pairwise_accuracy"] >= 0.85, metrics

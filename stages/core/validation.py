@@ -231,7 +231,15 @@ def best_checkpoint_reloaded(stage: StageRun) -> bool:
     That in-memory copy can differ numerically from final/ (measured with QLoRA: other
     greedy replies), so the stage evaluates final/ as the next stage will load it."""
     record = stage.manifest_extra.get("validation") or {}
-    return record.get("best_step") is not None
+    if record.get("best_step") is None:
+        return False
+    from stages.core.runtime import world_size  # torch: not at import (--help)
+
+    if world_size() > 1:  # rank 0 wrote final/; every rank loads it only after that
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()
+    return True
 
 
 def early_stopping(knobs: Any) -> EarlyStoppingCallback | None:
