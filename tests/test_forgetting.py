@@ -10,7 +10,6 @@ import torch
 
 from data_recipes import pairs, toy
 from stages.core.forgetting import (
-    SFT_HELDOUT_ROWS,
     forgetting_metrics,
     reply_loglikelihood,
     sft_heldout_conversations,
@@ -20,6 +19,7 @@ from stages.core.handoff import ParentStage
 from stages.core.models import load_tokenizer, resolve_base_model
 from stages.core.schema import ModelConfig, PathsConfig, TinyModelSpec, ToyTaskConfig
 from stages.core.task import HeldoutPrompt, RetainedSkill, Task
+from stages.core.validation import VALIDATION_ROWS
 from stages.tasks.addition import AdditionTask
 
 MODEL_CFG = ModelConfig(
@@ -104,7 +104,7 @@ def _sft_stage(tmp_path, conversations, metrics) -> ParentStage:  # type: ignore
     run_dir = tmp_path / "sft"
     run_dir.mkdir()
     lines = [json.dumps({"messages": c}) for c in conversations]
-    (run_dir / SFT_HELDOUT_ROWS).write_text("\n".join(lines) + "\n")
+    (run_dir / VALIDATION_ROWS).write_text("\n".join(lines) + "\n")
     return ParentStage("sft", run_dir, {"kind": "full", "metrics": metrics}, "0" * 64)
 
 
@@ -184,6 +184,6 @@ def test_reply_loglikelihood_is_the_mean_logprob_of_the_reply_tokens(
 def test_heldout_sft_conversations_skip_rows_without_a_final_reply(tmp_path) -> None:
     good = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
     lines = [{"messages": good}, {"messages": good[:1]}, {"messages": [*good, good[0]]}]
-    (tmp_path / SFT_HELDOUT_ROWS).write_text("\n".join(json.dumps(x) for x in lines))
+    (tmp_path / VALIDATION_ROWS).write_text("\n".join(json.dumps(x) for x in lines))
     assert sft_heldout_conversations(tmp_path) == [good]
     assert sft_heldout_conversations(tmp_path / "nowhere") == []

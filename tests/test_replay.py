@@ -101,6 +101,9 @@ def test_dpo_with_replay_adds_the_nll_term_and_records_it(compose_cfg, tmp_path)
     replay = json.loads((mixed / MANIFEST).read_text())["replay"]
     assert replay["source"] == "sft" and replay["coef"] == 2.0
     assert replay["tokenised"] > 0
+    # SFT's held-out rows (what forgetting is measured on) are never replayed.
+    sft_heldout = (runs / "sft" / "validation.jsonl").read_text().splitlines()
+    assert 0 < replay["held_out_excluded"] <= len(sft_heldout)
     assert "replay" not in json.loads((plain / MANIFEST).read_text())
     state = json.loads((last_complete_checkpoint(mixed) / "trainer_state.json").read_text())
     nll = [entry["replay/nll"] for entry in state["log_history"] if "replay/nll" in entry]

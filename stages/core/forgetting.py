@@ -34,7 +34,6 @@ log = logging.getLogger(__name__)
 
 PREFIX = "forgetting"
 SFT_STAGE = "sft"
-SFT_HELDOUT_ROWS = VALIDATION_ROWS  # the SFT stage's validation split
 SFT_REPLIES = "sft_replies"
 # Held-out SFT replies scored per model: enough for a stable mean, cheap next to the eval.
 MAX_SFT_REPLIES = 256
@@ -54,9 +53,10 @@ def skill_accuracy(
     return sum(s == 1.0 for s in scores) / max(len(scores), 1)
 
 
-def sft_heldout_conversations(sft_dir: Path, limit: int = MAX_SFT_REPLIES) -> list[Messages]:
-    """The first ``limit`` conversations of the SFT's validation rows that end in a reply."""
-    path = sft_dir / SFT_HELDOUT_ROWS
+def sft_heldout_conversations(sft_dir: Path, limit: int | None = MAX_SFT_REPLIES) -> list[Messages]:
+    """The first ``limit`` (None: all) conversations of the SFT's validation rows (its
+    validation.jsonl) that end in a reply."""
+    path = sft_dir / VALIDATION_ROWS
     if not path.is_file():
         return []
     rows: list[Messages] = []
@@ -65,7 +65,7 @@ def sft_heldout_conversations(sft_dir: Path, limit: int = MAX_SFT_REPLIES) -> li
             messages = json.loads(line).get("messages") or []
             if len(messages) >= 2 and messages[-1].get("role") == "assistant":
                 rows.append(messages)
-        if len(rows) >= limit:
+        if limit is not None and len(rows) >= limit:
             break
     return rows
 
@@ -143,7 +143,7 @@ def forgetting_metrics(
             "forgetting on held-out SFT replies not measured: %s has no %s (train the SFT with "
             "stage.validation_fraction > 0)",
             sft.run_dir,
-            SFT_HELDOUT_ROWS,
+            VALIDATION_ROWS,
         )
     return m, rows
 

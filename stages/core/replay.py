@@ -31,7 +31,7 @@ from transformers import PreTrainedTokenizerBase
 from data_recipes.accounting import RowAccount
 from data_recipes.rows import DataFormatError
 from stages.core.comparison import tokenize_completion
-from stages.core.forgetting import SFT_HELDOUT_ROWS, lineage_sft
+from stages.core.forgetting import lineage_sft, sft_heldout_conversations
 from stages.core.generation import left_pad, right_pad
 from stages.core.runtime import process_rank
 
@@ -74,15 +74,11 @@ def replay_conversations(stage: StageRun) -> tuple[list[Messages], dict[str, Any
     else:  # sft: the SFT's own data, without the rows it held out for validation
         rows = load_sft_rows(c.data).dataset
         held_out = set()
+        sft = None
         if stage.parent is not None:
             sft = lineage_sft(stage.parent, c.paths.runs_root, c.experiment_name)
-            path = sft.run_dir / SFT_HELDOUT_ROWS if sft is not None else None
-            if path is not None and path.is_file():
-                held_out = {
-                    _conversation_key(json.loads(line)["messages"])
-                    for line in path.read_text().splitlines()
-                    if line.strip()
-                }
+        if sft is not None:  # rows without a final reply are never replayed anyway
+            held_out = set(map(_conversation_key, sft_heldout_conversations(sft.run_dir, None)))
     conversations = [
         row["messages"]
         for row in rows
