@@ -73,7 +73,7 @@ endif
 # the stage registry (stages/registry.py). A new stage's YAML is all `make <name>` needs.
 STAGE_TARGETS := $(sort $(basename $(notdir $(wildcard conf/stage/*.yaml))))
 
-.PHONY: setup $(STAGE_TARGETS) sweep compare frontier test test-slow test-all soak soak-disk-full bench lint format clean
+.PHONY: setup $(STAGE_TARGETS) sweep compare frontier test test-slow test-all soak soak-disk-full bench bench-ppo-scale bench-overhead bench-memory gpu-check lint format clean
 
 setup: $(VENV)/.installed
 
@@ -118,8 +118,28 @@ soak: $(VENV)/.installed
 soak-disk-full: $(VENV)/.installed
 	$(WITH_ARGS) $(BIN)/python bench/soak.py --disk-full --exp "$$ALIGNPIPE_EXP" --
 
+# Benchmarks (bench/README.md); each writes its report under docs/bench/. Run them alone: on a
+# shared machine the timings are noise. ARGS = the script's own flags (e.g. ARGS="--rounds 1").
+#   make bench              our PPO vs trl 1.12.0 at the yardstick shape (ppo_vs_trl.md)
+#   make bench-ppo-scale    the same at 3 model shapes x 2 reply lengths (ppo_scaling.md + png)
+#   make bench-overhead     `make sft dpo` vs the same work as a plain TRL script (stage_overhead.md)
+#   make bench-memory       PPO peak memory per role layout at a ~70M model (ppo_memory.md)
+#   make gpu-check          one GPU, ~8 min: every stage x full/LoRA/QLoRA at Qwen2.5-0.5B's shape
+#                           (gpu.md); ARGS="--tiny" runs the same path on CPU
 bench: $(VENV)/.installed
-	$(BIN)/python bench/ppo_vs_trl.py
+	$(WITH_ARGS) $(BIN)/python bench/ppo_vs_trl.py
+
+bench-ppo-scale: $(VENV)/.installed
+	$(WITH_ARGS) $(BIN)/python bench/ppo_vs_trl.py --scale
+
+bench-overhead: $(VENV)/.installed
+	$(WITH_ARGS) $(BIN)/python bench/stage_overhead.py
+
+bench-memory: $(VENV)/.installed
+	$(WITH_ARGS) $(BIN)/python bench/ppo_memory.py
+
+gpu-check: $(VENV)/.installed
+	$(WITH_ARGS) $(BIN)/python bench/gpu_check.py
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .

@@ -21,6 +21,7 @@ from data_recipes.formats import load_sft_file
 from data_recipes.rows import DataFormatError, iter_rows
 from data_recipes.sft_data import load_sft_rows
 from stages.core.data_accounting import (
+    PRETOKENIZED,
     check_trainer_rows,
     preference_pairs_to_train,
     sft_rows_to_train,
@@ -78,7 +79,9 @@ def test_sft_counts_by_reason_are_exact(tokenizer, tmp_path, caplog) -> None:
     assert info["rows_truncated"] == SFT_ACCOUNTING["truncated"]
     assert info["max_length"] == MAX_LENGTH
     # SFT rows are hashed by the same row hasher as preference rows (one content hasher).
-    assert info["content_hash"] == pair_recipes.content_hash(rows)
+    # ... over the rows as data, not the token columns added for the trainer.
+    assert set(PRETOKENIZED) <= set(rows.column_names)
+    assert info["content_hash"] == pair_recipes.content_hash(rows.remove_columns(PRETOKENIZED))
     lines = [r for r in caplog.records if r.name == "stages.core.data_accounting"]
     assert lines[0].levelno == logging.INFO
     assert f"{SFT_FILE}: 25 rows read, 19 kept, 6 dropped (empty 2, too_long 4)" in (
@@ -110,6 +113,15 @@ def test_sft_counts_equal_what_sft_trainer_keeps(tokenizer, tmp_path) -> None:
     # The truncated rows are the ones TRL cut to max_length.
     cut = sum(len(ids) == MAX_LENGTH for ids in prepared["input_ids"])
     assert cut == info["rows_truncated"]
+    _assert_trl_prepares_ours_as_its_own(trainer_self, rows, prepared, tokenizer, args)
+
+
+def _assert_trl_prepares_ours_as_its_own(trainer_self, rows, prepared, tokenizer, args) -> None:
+    """Our rows carry the tokens the accounting computed: SFTTrainer skips its own
+    tokenisation and must end with exactly the input_ids and labels it makes itself."""
+    ours = SFTTrainer._prepare_dataset(trainer_self, rows, tokenizer, args, False, None, "train")
+    assert ours["input_ids"] == prepared["input_ids"]
+    assert ours["labels"] == prepared["labels"]
 
 
 def test_sft_counts_follow_the_template_trl_trains_with(tmp_path) -> None:
@@ -140,6 +152,7 @@ def test_sft_counts_follow_the_template_trl_trains_with(tmp_path) -> None:
     assert info["rows_truncated"] == 3
     assert len(prepared) == info["rows_kept"] == len(rows)
     check_trainer_rows(prepared, len(rows), "sft", args)
+    _assert_trl_prepares_ours_as_its_own(trainer_self, rows, prepared, qwen, args)
 
 
 def test_check_trainer_rows_fails_on_a_mismatch() -> None:

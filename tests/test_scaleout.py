@@ -108,32 +108,41 @@ def test_make_launch_accelerate_runs_the_stage_under_accelerate() -> None:
 
 
 @pytest.mark.parametrize(
-    ("env", "sharded"),
+    ("env", "stage", "cuda", "reason"),
     [
-        ({"ACCELERATE_USE_FSDP": "true"}, "FSDP"),
-        ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, "ZeRO-3"),
-        ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}, None),
-        ({}, None),
+        ({"ACCELERATE_USE_FSDP": "true"}, "sft", False, "FSDP.*only on GPUs.*plain DDP.*ACC=ddp"),
+        ({"ACCELERATE_USE_FSDP": "true"}, "sft", True, "FSDP.*not verified.*2 or more GPUs"),
+        ({"ACCELERATE_USE_FSDP": "true"}, "ppo", True, "FSDP.*our PPO.*same forwards"),
+        (
+            {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"},
+            "sft", True, "ZeRO-3.*DeepSpeed is not installed.*needs CUDA",
+        ),
+        ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}, "sft", True, None),
+        ({}, "sft", True, None),
     ],
-)
-def test_sharded_weights_are_refused_before_training(compose_cfg, monkeypatch, env, sharded):
-    """FSDP / ZeRO-3 over several processes: final/ would need a gather that is not wired,
-    so the stage refuses at start instead of hanging (or saving a shard) at the end."""
+)  # fmt: skip
+def test_sharded_weights_are_refused_before_training_with_the_reason(
+    compose_cfg, monkeypatch, env, stage, cuda, reason
+):
+    """FSDP / ZeRO-3 over several processes where a whole stage cannot run sharded (or has
+    not been verified to): the stage refuses at start, saying why, instead of hanging (or
+    saving a shard) at the end. ZeRO-2 and DDP replicate the weights: allowed."""
+    from stages.core import runtime
     from stages.core.lifecycle import StageRun
-    from stages.core.runtime import sharded_parameters
     from stages.core.schema import ConfigError
 
     monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(runtime, "use_cpu", lambda: not cuda)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    if sharded is None:
-        assert sharded_parameters() is None
+    if reason is None:
+        assert runtime.sharding_refusal(stage) is None
         return
-    assert sharded in sharded_parameters()
-    with pytest.raises(ConfigError, match=rf"{sharded}.*ACC=ddp or ACC=zero2"):
-        StageRun.begin(compose_cfg(), "sft")
+    assert runtime.sharding_refusal(stage) is not None
+    with pytest.raises(ConfigError, match=reason):
+        StageRun.begin(compose_cfg(f"stage={stage}", "tracking=none", fast=False), stage)
     monkeypatch.setenv("WORLD_SIZE", "1")  # one process holds every shard: allowed
-    assert sharded_parameters() is None
+    assert runtime.sharded_parameters() is None and runtime.sharding_refusal(stage) is None
 
 
 # ---------------------------------------------------------------------- Slurm launcher
@@ -285,3 +294,69 @@ def test_submitit_job_with_two_tasks_trains_data_parallel(
     assert manifest["variant"] is None and manifest["config"]["tracking"]["group"] is None
     logs = list((runs / "toy" / "_sweeps" / "sft" / ".submitit").rglob("*_log.out"))
     assert len(logs) == 2  # two submitit tasks ran
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("peft", ["none", "lora"])
+def test_fsdp_sharded_weights_are_gathered_into_final_on_two_cpu_ranks(
+    tmp_path: Path, builtin_models_dir: Path, peft: str
+) -> None:
+    """Torch's FSDP2 on 2 CPU ranks (gloo): each rank holds half of every parameter, trains a
+    few steps, and the stage's own save path (StageRun.save_final -> models.save_final or
+    save_without_reference -> finish) gathers on every rank and writes on rank 0 only.
+    final/ loads with plain transformers / peft, holds every weight at full shape, moved
+    from the initial weights, equal to rank 0's gather, and replies as the sharded model did.
+    (accelerate cannot shard on CPU, hence tests/fsdp_save_worker.py, not `accelerate launch`.)"""
+    import torch
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    cli = Path(sys.executable).with_name("torchrun")
+    cmd = [
+        str(cli), "--nproc_per_node", "2", "--master_port", str(_free_port()),
+        "-m", "tests.fsdp_save_worker", str(tmp_path), str(builtin_models_dir), peft,
+    ]  # fmt: skip
+    proc = subprocess.run(
+        cmd, cwd=REPO, env={**os.environ, **ENV}, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+
+    report = json.loads((tmp_path / "rank0.json").read_text())
+    stage_dir = Path(report["run_dir"])
+    assert not (tmp_path / "runs-rank1").exists()  # rank 1 wrote nothing, anywhere
+    assert (stage_dir / DONE).is_file()
+    manifest = json.loads((stage_dir / MANIFEST).read_text())
+    assert manifest["world_size"] == 2
+    final = stage_dir / "final"
+    assert manifest["final_sha256"] == {
+        p.relative_to(final).as_posix(): file_sha256(p) for p in final.rglob("*") if p.is_file()
+    }
+
+    initial = torch.load(tmp_path / "initial.pt")
+    gathered = torch.load(tmp_path / "gathered.pt")
+    if peft == "none":
+        model = AutoModelForCausalLM.from_pretrained(final)
+    else:
+        model = AutoPeftModelForCausalLM.from_pretrained(final)
+    saved = model.state_dict()
+    assert set(saved) == set(initial) == set(gathered)
+    # Each rank held half the rows of the embedding (a shard), final/ has them all.
+    embed = next(k for k in saved if k.endswith("embed_tokens.weight"))
+    assert report["local_shape"][0] < saved[embed].shape[0]
+    trained = [k for k in saved if peft == "none" or "lora_" in k]
+    assert trained
+    for key in saved:
+        assert saved[key].shape == initial[key].shape, key
+        torch.testing.assert_close(saved[key], gathered[key], rtol=0, atol=0)
+    moved = [k for k in trained if not torch.equal(saved[k], initial[k])]
+    # LoRA's B starts at zero and A moves only through it: both move after 3 steps.
+    assert moved == trained, sorted(set(trained) - set(moved))
+    assert report["losses"][-1] < report["losses"][0]
+
+    # The sharded model's greedy reply (every rank generating) is final/'s.
+    model.eval()
+    with torch.no_grad():
+        reply = model.generate(
+            input_ids=torch.tensor([report["prompt"]]), max_new_tokens=8, do_sample=False
+        )
+    assert reply[0].tolist() == report["reply"]

@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 
 MAX_LENGTH_KEY = "model.max_length"
 _BATCH = 1000  # rows per batched apply_chat_template call
+# Tokenised columns `sft_rows_to_train` adds to the SFT rows for the trainer (not data: left
+# out of the content hash and of validation.jsonl).
+PRETOKENIZED = ("input_ids", "assistant_masks")
 
 
 def rerun_command(override: str) -> str:
@@ -100,8 +103,10 @@ def report_account(
 
 def _sft_trained_spans(
     messages: Sequence[list[dict[str, str]]], tokenizer: Any, assistant_only_loss: bool
-) -> list[tuple[int, int, int]]:
-    """(length, first, last) trained token index of each conversation, as TRL labels them.
+) -> tuple[list[tuple[int, int, int]], dict[str, list[list[int]]]]:
+    """(length, first, last) trained token index of each conversation, as TRL labels them,
+    and the tokenised columns themselves (``input_ids``, ``assistant_masks`` under
+    ``assistant_only_loss``), exactly what SFTTrainer's own tokenisation produces.
 
     Rows are conversational ``messages``: TRL's labels are every token, or with
     ``assistant_only_loss`` the tokens of the template's assistant mask. first = -1 when no
@@ -113,6 +118,9 @@ def _sft_trained_spans(
     if assistant_only_loss and not has_generation_markers(tokenizer.chat_template):
         template = get_training_chat_template(tokenizer)
     spans = []
+    columns: dict[str, list[list[int]]] = {"input_ids": []}
+    if assistant_only_loss:
+        columns["assistant_masks"] = []
     for start in range(0, len(messages), _BATCH):
         out = tokenizer.apply_chat_template(
             list(messages[start : start + _BATCH]),
@@ -125,7 +133,10 @@ def _sft_trained_spans(
         for i, ids in enumerate(out["input_ids"]):
             trained = [j for j, bit in enumerate(masks[i]) if bit] if masks else range(len(ids))
             spans.append((len(ids), trained[0], trained[-1]) if trained else (len(ids), -1, -1))
-    return spans
+        columns["input_ids"] += [list(ids) for ids in out["input_ids"]]
+        if masks is not None:
+            columns["assistant_masks"] += [list(mask) for mask in masks]
+    return spans, columns
 
 
 def sft_rows_to_train(
@@ -135,14 +146,26 @@ def sft_rows_to_train(
 
     Drops rows whose trained tokens truncation would remove entirely, counts truncated ones,
     logs the account, warns past ``max_dropped_fraction``, and fails when none is left.
+
+    The rows come back with the ``PRETOKENIZED`` columns this check tokenised anyway:
+    SFTTrainer sees ``input_ids`` and skips its own (per-row, slower) tokenisation of the same
+    conversations with the same template, then builds labels and truncates as always. The
+    content hash covers the conversations only.
     """
     rows, account = sft.dataset, sft.account
     max_length = args.max_length
     # Packing that splits or wraps rows loses no tokens: there is nothing to count.
     cuts = max_length is not None and not (args.packing and args.packing_strategy != "bfd")
     longest = None
+    hashed = rows
     if cuts:
-        spans = _sft_trained_spans(rows["messages"], tokenizer, args.assistant_only_loss)
+        spans, columns = _sft_trained_spans(rows["messages"], tokenizer, args.assistant_only_loss)
+        # A row with no trained token: leave the tokenising to TRL, whose error names it.
+        added = []
+        if not set(PRETOKENIZED) & set(rows.column_names) and all(f >= 0 for _, f, _ in spans):
+            for name, values in columns.items():
+                rows = rows.add_column(name, values)
+                added.append(name)
         keep_end = args.truncation_mode == "keep_end"
         keep = []
         for index, (length, first, last) in enumerate(spans):
@@ -155,12 +178,13 @@ def sft_rows_to_train(
         longest = max((length for length, _, _ in spans), default=0)
         if len(keep) < len(rows):
             rows = rows.select(keep)
+        hashed = rows.remove_columns(added)
     report_account(account, "sft", max_dropped_fraction, longest=longest, max_length=max_length)
     info = {
         **sft.info,
         **account.as_manifest(),
         "max_length": max_length,
-        "content_hash": content_hash(rows),  # the one row hasher, as for preference rows
+        "content_hash": content_hash(hashed),  # the one row hasher, as for preference rows
     }
     return rows, info
 

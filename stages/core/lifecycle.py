@@ -41,6 +41,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from stages.core import handoff
 from stages.core.handoff import ParentStage, ResumeMismatchError, StaleStageError
+from stages.core.phase_timing import PhaseClock
 from stages.core.runtime import (
     Precision,
     is_main_process,
@@ -48,6 +49,7 @@ from stages.core.runtime import (
     resolve_precision,
     seed_everything,
     sharded_parameters,
+    sharding_refusal,
     world_size,
 )
 from stages.core.schema import Config, ConfigError, validate_config
@@ -82,6 +84,8 @@ class StageRun:
         self.reusing_final = False
         self._holds_lock = False
         self._started = 0.0
+        # Exclusive seconds per phase (load, data, train, eval, save) into the manifest.
+        self.clock = PhaseClock()
         self.tracker = StageTracker(
             cfg.tracking,
             experiment=cfg.experiment_name,
@@ -95,17 +99,11 @@ class StageRun:
     def begin(cls, raw: DictConfig, expected_stage: str) -> StageRun:
         """Validate the config, then decide: no-op (finished), fresh start, or resume."""
         cfg = validate_config(raw)
-        sharded = sharded_parameters()
-        if sharded:
-            # finish() saves final/ from rank 0's copy of the model, right under DDP and ZeRO-2
-            # (every rank holds all weights). Under FSDP / ZeRO-3 rank 0 holds a shard: saving
-            # needs a gather on every rank first, not wired yet. Refuse now rather than hang or
-            # write a partial model after the whole run.
-            raise ConfigError(
-                f"{sharded} with {world_size()} processes is not supported yet: saving final/ "
-                "needs a collective gather of the sharded weights. Use ACC=ddp or ACC=zero2 "
-                "(with peft=lora/qlora the frozen base is small enough to replicate)."
-            )
+        # Weights sharded over processes (FSDP / ZeRO-3) where that is not supported or not
+        # verified: refuse now rather than hang or write a partial model after the whole run.
+        refusal = sharding_refusal(cfg.stage.name)
+        if refusal:
+            raise ConfigError(refusal)
         if cfg.stage.name != expected_stage:
             raise ConfigError(
                 f"stage.name={cfg.stage.name!r} but this is the {expected_stage} stage"
@@ -361,8 +359,14 @@ class StageRun:
     def final_dir(self) -> Path:
         return self.run_dir / handoff.FINAL
 
+    def phase(self, name: str) -> contextlib.AbstractContextManager[None]:
+        """``with stage.phase("train"):`` charges the block's wall time to that phase
+        (``stages.core.phase_timing.PHASES``); the innermost of nested phases gets it."""
+        return self.clock.phase(name)
+
     def __enter__(self) -> StageRun:
         self._started = time.time()
+        self.clock.start()
         if is_main_process():
             self.run_dir.mkdir(parents=True, exist_ok=True)
             # Before the first checkpoint: what a resume of this run must match.
@@ -400,15 +404,24 @@ class StageRun:
             "manifest_extra": dict(self.manifest_extra),
             "resumed_from": str(self.resume_checkpoint) if self.resume_checkpoint else None,
         }
-        if is_main_process():
-            record_path = self.run_dir / handoff.FINAL_RECORD
+        with self.phase("save"):
+            self._write_final(record, save)
+        self.final_record = record
+
+    def _write_final(self, record: dict[str, Any], save: Callable[[Path], None]) -> None:
+        main = is_main_process()
+        record_path = self.run_dir / handoff.FINAL_RECORD
+        if main:
             record_path.unlink(missing_ok=True)
             shutil.rmtree(self.final_dir, ignore_errors=True)
+        # Sharded weights (FSDP): every rank runs `save`, whose gather is a collective;
+        # models.save_final writes on the main process only. Otherwise rank 0 alone saves.
+        if main or sharded_parameters():
             save(self.final_dir)
+        if main:
             handoff.fsync_tree(self.final_dir)
             record["files"] = handoff.final_file_hashes(self.final_dir)
             handoff.write_json_atomic(record_path, record)
-        self.final_record = record
 
     def finish(
         self,
@@ -437,7 +450,10 @@ class StageRun:
         if not is_main_process():
             return
         if eval_samples:
-            handoff.write_jsonl_atomic(self.run_dir / handoff.EVAL_SAMPLES, eval_samples)
+            with self.phase("save"):
+                handoff.write_jsonl_atomic(self.run_dir / handoff.EVAL_SAMPLES, eval_samples)
+        timings = self.clock.report()
+        self.tracker.summarize(timings.tracker_summary())
         finished = time.time()
         manifest = {
             "stage": self.name,
@@ -462,15 +478,14 @@ class StageRun:
             "final_reused": self.reusing_final,
             "versions": handoff.package_versions(),
             "git": handoff.git_state(),
-            "timings": {
-                "started": self._started,
-                "finished": finished,
-                "seconds": round(finished - self._started, 2),
-            },
+            # seconds = wall from `with stage:` on; phases = exclusive seconds of load, data,
+            # train, eval, save; other = the rest (checks, hashing, tracking set-up).
+            "timings": {"started": self._started, "finished": finished, **timings.as_manifest()},
             **self.manifest_extra,
         }
         handoff.finalize_stage(self.run_dir, manifest, metrics)
         log.info("%s DONE -> %s", self.name, self.run_dir)
+        log.info("%s", timings.summary(self.name))
 
 
 def finished_for_target(cfg: DictConfig, stage: str) -> dict[str, Any] | None:

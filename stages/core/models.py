@@ -60,6 +60,7 @@ from stages.core.schema import (
     method_of_kind,
     parent_adapter_problem,
 )
+from stages.core.sharded_weights import full_state_dict_for_save
 from stages.core.tiny_model import ensure_tiny_model, spec_hash
 
 log = logging.getLogger(__name__)
@@ -194,7 +195,28 @@ def load_pretrained(
                 logging.getLogger(record.name).handle(record)
         model.config.pad_token_id = pad_token_id  # needed to find the last real token
     declare_tied_weights(model)
+    feed_output_head_contiguous(model)
     return model
+
+
+def _contiguous_input(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    return (args[0].contiguous(), *args[1:])
+
+
+def feed_output_head_contiguous(model: PreTrainedModel) -> None:
+    """Give the LM head a contiguous input: the same logits (up to float rounding), without a
+    batch x vocab x hidden copy.
+
+    With ``logits_to_keep`` (generation's prefill, PPO's response logits) the head sees a
+    strided slice ``hidden[:, -k:]``. For a frozen head without grad, torch's matmul cannot
+    fold that slice into one matrix and runs a bmm on the head's weight expanded per row:
+    a transient copy of batch x vocab x hidden (3 GB for 64 prompts at vocab 32k, hidden 768,
+    bf16; bench/ppo_memory.py) and several times slower. A contiguous copy of the slice costs
+    batch x k x hidden.
+    """
+    head = model.get_output_embeddings()
+    if head is not None:
+        head.register_forward_pre_hook(_contiguous_input)
 
 
 class _HoldLoadReports(logging.Filter):
@@ -441,8 +463,14 @@ def save_final(
 
     Adapters record their base with an absolute path, plus ``alignpipe_base_model.json``,
     so AutoPeftModel*.from_pretrained(final_dir) rebuilds them without our code.
+
+    Safe to call on every rank: under FSDP every rank must (the gather of the shards is a
+    collective), and only the main process writes.
     """
     model = model if model is not None else loaded.model
+    gathered = full_state_dict_for_save(model)  # None unless the weights are sharded
+    if not is_main_process():
+        return
     final_dir.mkdir(parents=True, exist_ok=True)
     if isinstance(model, PeftModel):
         adapter_base = loaded.base.path
@@ -451,7 +479,10 @@ def save_final(
             adapter_base = str(quantized_base_copy(loaded.base, quant, final_dir.parent.parent))
         for adapter_cfg in model.peft_config.values():
             adapter_cfg.base_model_name_or_path = adapter_base
-    model.save_pretrained(final_dir)
+    if gathered is None:
+        model.save_pretrained(final_dir)
+    else:  # rank 0's full copy of the sharded weights
+        model.save_pretrained(final_dir, state_dict=gathered)
     tokenizer.save_pretrained(final_dir)
     (final_dir / BASE_MODEL_FILE).write_text(
         json.dumps({"kind": loaded.kind, "base_model": loaded.base.as_dict()}, indent=2)

@@ -73,6 +73,46 @@ def sharded_parameters() -> str | None:
     return None
 
 
+def sharding_refusal(stage: str) -> str | None:
+    """Why this job cannot train ``stage`` with weights sharded over processes, or None.
+
+    The gather that saving final/ needs is wired (``stages.core.sharded_weights``: every
+    rank joins it, rank 0 writes; tested with torch's FSDP2 on 2 CPU ranks over gloo), but a
+    whole stage under accelerate's FSDP has not run anywhere yet, for the reasons below.
+    """
+    sharded = sharded_parameters()
+    if sharded is None:
+        return None
+    ranks = f"{sharded} with {world_size()} processes"
+    if sharded != "FSDP":
+        return (
+            f"{ranks} is not supported: DeepSpeed is not installed here and needs CUDA, so "
+            "its gather of final/ (ZeRO-3 16-bit consolidation) is neither wired nor tested. "
+            "Use ACC=ddp or ACC=zero2 (with peft=lora/qlora the frozen base is small enough "
+            "to replicate)."
+        )
+    if stage == "ppo":
+        return (
+            f"{ranks} is not supported by our PPO: each rank samples its own prompts to its "
+            "own reply lengths and scores them with reference / reward models outside the "
+            "prepared module, while FSDP needs every rank to run the same forwards (each "
+            "all-gathers the shards). Use ACC=ddp (with peft=qlora the four roles share one "
+            "4-bit base)."
+        )
+    if use_cpu():
+        return (
+            f"{ranks} cannot shard on CPU: accelerate 1.15 builds FSDP only on GPUs (its "
+            "AcceleratorState keeps MULTI_CPU), so this would silently train plain DDP with "
+            "a full copy per process. Use ACC=ddp, which is what would run."
+        )
+    return (
+        f"{ranks} is not verified yet: the gather of final/ is wired and tested with torch's "
+        "FSDP2 on CPU ranks, but a stage under accelerate's FSDP needs 2 or more GPUs and "
+        "has not run on them. Use ACC=ddp, or ACC=zero2 (with peft=lora/qlora the frozen base "
+        "is small enough to replicate)."
+    )
+
+
 @contextmanager
 def main_process_first() -> Iterator[None]:
     """Rank 0 runs the block first; the other ranks enter it only after rank 0 has left it.

@@ -62,12 +62,13 @@ def stage_preference_pairs(
     """
     c = stage.cfg
     task = task if task is not None else resolve_task(c)
-    pairs = _source_pairs(stage, tokenizer, policy, task, sampled_by, seed)
-    # The trainer's limit: stage.trainer_overrides win over model.max_length, as in its args.
-    max_length = c.stage.trainer_overrides.get("max_length", c.model.max_length)
-    return preference_pairs_to_train(
-        pairs, tokenizer, max_length, stage.name, c.data.max_dropped_fraction
-    )
+    with stage.phase("data"):  # sampling on-policy pairs included
+        pairs = _source_pairs(stage, tokenizer, policy, task, sampled_by, seed)
+        # The trainer's limit: stage.trainer_overrides win over model.max_length, as in its args.
+        max_length = c.stage.trainer_overrides.get("max_length", c.model.max_length)
+        return preference_pairs_to_train(
+            pairs, tokenizer, max_length, stage.name, c.data.max_dropped_fraction
+        )
 
 
 def _source_pairs(

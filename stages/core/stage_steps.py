@@ -40,18 +40,19 @@ def trainable_model(
     ``start_from``: another finished policy to continue instead of the parent (its adapter
     continued), e.g. the previous round of iterative DPO."""
     c = stage.cfg
-    return load_trainable_model(
-        model_cfg=c.model,
-        peft_cfg=c.peft,
-        paths=c.paths,
-        precision=stage.precision,
-        run_dir=stage.run_dir,
-        stage=stage.name,
-        task=task,
-        parent=stage.parent if start_from is None else start_from,
-        parent_adapter=c.stage.parent_adapter if start_from is None else "continue",
-        pad_token_id=pad_token_id,
-    )
+    with stage.phase("load"):
+        return load_trainable_model(
+            model_cfg=c.model,
+            peft_cfg=c.peft,
+            paths=c.paths,
+            precision=stage.precision,
+            run_dir=stage.run_dir,
+            stage=stage.name,
+            task=task,
+            parent=stage.parent if start_from is None else start_from,
+            parent_adapter=c.stage.parent_adapter if start_from is None else "continue",
+            pad_token_id=pad_token_id,
+        )
 
 
 def preference_task(stage: StageRun) -> Task | None:
@@ -69,7 +70,8 @@ def frozen_policy(stage: StageRun, of: ParentStage) -> torch.nn.Module:
     """A finished stage's policy (``of``: the parent, or this stage's own ``final/`` after a
     failure past training), frozen in eval mode."""
     c = stage.cfg
-    return load_stage_model(of, c.model, c.peft, stage.precision)
+    with stage.phase("load"):
+        return load_stage_model(of, c.model, c.peft, stage.precision)
 
 
 def compare_and_report(
@@ -85,6 +87,23 @@ def compare_and_report(
     """The comparison every training stage ends with: ``policy`` against its parent's on the
     task's held-out prompts (and ``heldout_pairs``), reported by `report_comparison`."""
     assert stage.parent is not None  # only stages with a parent compare
+    with stage.phase("eval"):
+        return _compare_and_report(
+            stage, policy, parent_policy, tokenizer, task, metrics, heldout_pairs=heldout_pairs
+        )
+
+
+def _compare_and_report(
+    stage: StageRun,
+    policy: torch.nn.Module,
+    parent_policy: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    task: Task | None,
+    metrics: dict[str, Any],
+    *,
+    heldout_pairs: list[dict[str, Any]] | None,
+) -> Comparison:
+    assert stage.parent is not None
     comparison = compare_with_parent(
         policy,
         parent_policy,

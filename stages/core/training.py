@@ -36,7 +36,8 @@ def train_resumably(
     readable_progress(trainer, stage.name)  # one line per logging step, no raw dicts
     check_trainer_rows(trainer.train_dataset, expected_rows, stage.name, args)
     resume = str(stage.resume_checkpoint) if stage.resume_checkpoint else None
-    output = trainer.train(resume_from_checkpoint=resume)
+    with stage.phase("train"):
+        output = trainer.train(resume_from_checkpoint=resume)
     history = trainer.state.log_history
     return {
         "train/loss": logged_training_loss(history),  # whole run, also after a resume

@@ -202,7 +202,13 @@ def hold_out_validation(
     from stages.core.runtime import is_main_process
 
     if is_main_process():
-        rows_out = validation if isinstance(validation, list) else validation.to_list()  # type: ignore[attr-defined]
+        if isinstance(validation, list):
+            rows_out = validation
+        else:  # the rows as data: without the token columns added for the trainer
+            from stages.core.data_accounting import PRETOKENIZED
+
+            tokens = [c for c in PRETOKENIZED if c in validation.column_names]  # type: ignore[attr-defined]
+            rows_out = validation.remove_columns(tokens).to_list()  # type: ignore[attr-defined]
         write_jsonl_atomic(stage.run_dir / VALIDATION_ROWS, rows_out)
     stage.manifest_extra["validation"] = {
         "path": str(stage.run_dir / VALIDATION_ROWS),

@@ -105,14 +105,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         elif stage.final_record is None:
             # 4. Policy: the SFT adapter continued (LoRA/QLoRA) or the SFT full weights.
             loaded = trainable_model(stage)
-            trainer = trainer_class(
-                model=loaded.model,
-                ref_model=reference_model_arg(loaded, sft_policy),
-                args=args,
-                train_dataset=pair_set.train_dataset(),
-                eval_dataset=validation_pairs and datasets.Dataset.from_list(validation_pairs),
-                processing_class=tokenizer,
-            )
+            with stage.phase("data"):
+                trainer = trainer_class(
+                    model=loaded.model,
+                    ref_model=reference_model_arg(loaded, sft_policy),
+                    args=args,
+                    train_dataset=pair_set.train_dataset(),
+                    eval_dataset=validation_pairs and datasets.Dataset.from_list(validation_pairs),
+                    processing_class=tokenizer,
+                )
 
             # 5. Train against the reference (checked: the SFT policy, never the bare base).
             train_metrics = train_dpo(stage, trainer, pair_set)

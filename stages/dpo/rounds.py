@@ -329,13 +329,14 @@ def train_rounds(stage: StageRun, inputs: RoundInputs) -> tuple[torch.nn.Module,
         if r > 1:
             args.max_steps = round_steps(args, len(pair_set.train), knobs.round_max_epochs)
             args.warmup_steps = int(knobs.warmup_ratio * args.max_steps)
-        trainer = inputs.trainer_class(
-            model=loaded.model,
-            ref_model=ref_model,
-            args=args,
-            train_dataset=pair_set.train_dataset(),
-            processing_class=inputs.tokenizer,
-        )
+        with stage.phase("data"):
+            trainer = inputs.trainer_class(
+                model=loaded.model,
+                ref_model=ref_model,
+                args=args,
+                train_dataset=pair_set.train_dataset(),
+                processing_class=inputs.tokenizer,
+            )
         train_metrics = train_dpo(stage, trainer, pair_set, sft_reference=sft_reference)
         record: dict[str, Any] = {
             "round": r,

@@ -193,32 +193,34 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         )
         tokenizer = load_tokenizer(target.final_dir, c.model)
         baseline = _baseline(c, target, parent, task, tokenizer)
-        policy = load_stage_model(target, c.model, None, stage.precision)
-        other = (
-            load_stage_model(parent, c.model, None, stage.precision)
-            if baseline.base is None
-            else load_base_model(c, target, baseline.base, stage.precision)
-        )
+        with stage.phase("load"):
+            policy = load_stage_model(target, c.model, None, stage.precision)
+            other = (
+                load_stage_model(parent, c.model, None, stage.precision)
+                if baseline.base is None
+                else load_base_model(c, target, baseline.base, stage.precision)
+            )
 
         # 3. Compare and report.
-        comparison = compare_with_parent(
-            policy,
-            other,
-            tokenizer,
-            task=task,
-            model_cfg=baseline.model_cfg,
-            heldout_pairs=heldout,
-            num_kl_samples=knobs.num_kl_samples,
-            temperature=knobs.temperature,
-            seed=c.seed,
-            policy_name=knobs.target,
-            parent_name=baseline.name,
-            parent_view=baseline.view,
-        )
-        if knobs.against == "parent" and parent is not None:  # what it kept of SFT's skills
-            sft = lineage_sft(parent, c.paths.runs_root, c.experiment_name)
-            extra, rows = forgetting_metrics(policy, other, tokenizer, task, c.model, sft)
-            comparison = with_rows(comparison, extra, rows, knobs.target, baseline.name)
+        with stage.phase("eval"):
+            comparison = compare_with_parent(
+                policy,
+                other,
+                tokenizer,
+                task=task,
+                model_cfg=baseline.model_cfg,
+                heldout_pairs=heldout,
+                num_kl_samples=knobs.num_kl_samples,
+                temperature=knobs.temperature,
+                seed=c.seed,
+                policy_name=knobs.target,
+                parent_name=baseline.name,
+                parent_view=baseline.view,
+            )
+            if knobs.against == "parent" and parent is not None:  # what it kept of SFT's skills
+                sft = lineage_sft(parent, c.paths.runs_root, c.experiment_name)
+                extra, rows = forgetting_metrics(policy, other, tokenizer, task, c.model, sft)
+                comparison = with_rows(comparison, extra, rows, knobs.target, baseline.name)
         report = f"{c.experiment_name}: {knobs.target} vs {baseline.title}\n{comparison.table}\n"
         print(report, flush=True)
         stage.manifest_extra.update(

@@ -265,21 +265,23 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
         # 2. Build and save the plain model.
         tokenizer = load_tokenizer(target.final_dir, c.model)
-        exported, built = build_export(target, c.model, stage.precision, dtype)
+        with stage.phase("load"):
+            exported, built = build_export(target, c.model, stage.precision, dtype)
         save = functools.partial(save_export, exported, tokenizer)
         stage.save_final(kind="full", base_model=base, train_metrics={}, save=save)
         del exported, save  # the check reloads final/ from disk, as a user would
 
         # 3. The self-check, on what a user gets: final/ reloaded with plain transformers.
-        plain = AutoModelForCausalLM.from_pretrained(str(stage.final_dir)).eval()
-        metrics: dict[str, Any] = {}
-        samples: list[dict[str, Any]] = []
-        if task is not None and not task.judge_needs_checkpoint:
-            judged, samples = task_metrics(plain, tokenizer, task, c.model, prefix="export")
-            metrics.update(judged)
-        conversations = check_conversations(task, c.data, samples, knobs.check_prompts)
-        reference = load_stage_model(target, c.model, None, stage.precision)
-        worst, mean = logit_difference(plain, reference, tokenizer, conversations)
+        with stage.phase("eval"):
+            plain = AutoModelForCausalLM.from_pretrained(str(stage.final_dir)).eval()
+            metrics: dict[str, Any] = {}
+            samples: list[dict[str, Any]] = []
+            if task is not None and not task.judge_needs_checkpoint:
+                judged, samples = task_metrics(plain, tokenizer, task, c.model, prefix="export")
+                metrics.update(judged)
+            conversations = check_conversations(task, c.data, samples, knobs.check_prompts)
+            reference = load_stage_model(target, c.model, None, stage.precision)
+            worst, mean = logit_difference(plain, reference, tokenizer, conversations)
         target_accuracy = handoff.read_metrics(target.run_dir).get("eval/accuracy")
         metrics.update(
             {

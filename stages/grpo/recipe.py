@@ -113,13 +113,14 @@ def run_online_rl(cfg: DictConfig, name: str, algorithm: OnlineRLAlgorithm) -> d
             # 3. Policy: the SFT adapter continued (LoRA/QLoRA) or the SFT full weights; and
             #    the judge that rewards its samples (the RM loads only now).
             loaded = trainable_model(stage)
-            trainer = algorithm.trainer(
-                model=loaded.model,
-                reward_funcs=reward_function(reward.load(), f"{reward.source}_reward"),
-                args=args,
-                train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]),
-                processing_class=tokenizer,
-            )
+            with stage.phase("data"):
+                trainer = algorithm.trainer(
+                    model=loaded.model,
+                    reward_funcs=reward_function(reward.load(), f"{reward.source}_reward"),
+                    args=args,
+                    train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]),
+                    processing_class=tokenizer,
+                )
             if knobs.beta > 0:
                 check_reference(trainer.model, algorithm.trainer.__name__)
                 _check_full_weight_reference(trainer, parent.final_dir)

@@ -105,14 +105,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if stage.final_record is None:
             # 4. Policy: the SFT adapter continued (LoRA/QLoRA) or the SFT full weights.
             loaded = trainable_model(stage)
-            trainer = trainer_class(
-                model=loaded.model,
-                ref_model=reference_model_arg(loaded, sft_policy),
-                args=args,
-                train_dataset=data.train_dataset(),
-                eval_dataset=validation_replies and datasets.Dataset.from_list(validation_replies),
-                processing_class=tokenizer,
-            )
+            with stage.phase("data"):
+                trainer = trainer_class(
+                    model=loaded.model,
+                    ref_model=reference_model_arg(loaded, sft_policy),
+                    args=args,
+                    train_dataset=data.train_dataset(),
+                    eval_dataset=validation_replies
+                    and datasets.Dataset.from_list(validation_replies),
+                    processing_class=tokenizer,
+                )
             check_reference(trainer.model, "KTOTrainer")
 
             # 5. Train.

@@ -232,6 +232,17 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def current_rss_mb() -> float:
+    """Resident memory of this process now (VmRSS; the peak where /proc is missing)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return peak_rss_mb()
+
+
 def role_weights_mb(roles: PPORoles) -> float:
     """Bytes of every distinct parameter and buffer the four roles hold (a shared base counts
     once; 4-bit weights count as packed bytes)."""
@@ -261,13 +272,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         # 1. Tokenizer (with its chat template) from the SFT output, and the prompts.
         tokenizer = load_tokenizer(sft.final_dir, c.model)
         task = stage_task(stage, sft)  # a user's task is judged by the same RM
-        prompts = training_prompts(c, tokenizer, task)
+        with stage.phase("data"):
+            prompts = training_prompts(c, tokenizer, task)
         log.info("ppo: %d training prompts, %d updates", len(prompts), hyper.num_updates)
 
         built: BuiltRoles | None = None
         if stage.final_record is None:
             # 2. The four roles, before any eval forward (4-bit CPU layers must keep autograd).
-            built = build_roles(stage, sft, rm)
+            # The runtime's memory (torch, transformers, ...) before any weights load, so
+            # perf/peak_rss_mb can be read as runtime + roles (bench/ppo_memory.py).
+            rss_before_roles = current_rss_mb()
+            with stage.phase("load"):
+                built = build_roles(stage, sft, rm)
             stage.manifest_extra["roles"] = built.description
 
             # 3. Train, resuming from the newest complete checkpoint-N (its log history too,
@@ -291,11 +307,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             if checkpoint is not None:
                 log.info("ppo: resuming from %s", checkpoint)
                 trainer.load_checkpoint(checkpoint)
-            trainer.train()
+            with stage.phase("train"):
+                trainer.train()
             train_metrics: dict[str, Any] = {
                 "train/updates": trainer.step,
                 **_trends(trainer.log_history),
                 "perf/peak_rss_mb": peak_rss_mb(),  # before the comparison loads SFT again
+                "perf/rss_before_roles_mb": rss_before_roles,
                 "perf/role_weights_mb": role_weights_mb(built.roles),
             }
 

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
+from accelerate.utils import DistributedType, gather_object
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import get_scheduler
@@ -144,6 +144,20 @@ def resolve_stop_token_id(
     return int(token_id)
 
 
+def _fused_adamw_ok(params: list[torch.nn.Parameter], accelerator: Accelerator) -> bool:
+    """Whether AdamW can take torch's fused kernel: one pass over each tensor instead of the
+    default per-op loop on CPU (~6x faster steps, equal up to float rounding; at 40M+
+    parameters the optimizer step is several % of an update). Only for plain or DDP runs
+    (FSDP / DeepSpeed manage their own parameters) of float parameters on CPU or CUDA."""
+    if accelerator.distributed_type not in (
+        DistributedType.NO,
+        DistributedType.MULTI_CPU,
+        DistributedType.MULTI_GPU,
+    ):
+        return False
+    return all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+
+
 class PromptSchedule:
     """Which prompts each update uses: a pure function of (seed, update, rank).
 
@@ -253,7 +267,7 @@ class PPOTrainer:
         params = list(roles.named_trainable_parameters().values())
         optimizer = torch.optim.AdamW(
             params, lr=config.learning_rate, eps=config.adam_epsilon,
-            weight_decay=config.weight_decay,
+            weight_decay=config.weight_decay, fused=_fused_adamw_ok(params, self.accelerator),
         )  # fmt: skip
         self.train_module, self.optimizer = acc.prepare(roles.train_module, optimizer)
         roles.to(acc.device)

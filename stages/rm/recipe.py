@@ -241,14 +241,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             loaded = trainable_model(stage, task="seq_cls", pad_token_id=tokenizer.pad_token_id)
 
             # 4. Train.
-            trainer = RewardTrainerWithHeadLR(
-                model=loaded.model,
-                args=args,
-                train_dataset=train_rows,
-                eval_dataset=validation_rows or None,
-                processing_class=tokenizer,
-                head_learning_rate=knobs.head_learning_rate,
-            )
+            with stage.phase("data"):
+                trainer = RewardTrainerWithHeadLR(
+                    model=loaded.model,
+                    args=args,
+                    train_dataset=train_rows,
+                    eval_dataset=validation_rows or None,
+                    processing_class=tokenizer,
+                    head_learning_rate=knobs.head_learning_rate,
+                )
             train_metrics = train_resumably(stage, trainer, expected_rows=len(pair_set.train))
             # RewardTrainer logs the batch accuracy r(chosen) > r(rejected) it trains on.
             train_metrics.update(
@@ -275,21 +276,23 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         else:  # an earlier attempt trained and saved final/, then failed
             reward_model = None
         if reward_model is None:
-            reward_model = load_reward_model(
-                stage.final_stage(), c.model, stage.precision, peft_cfg=c.peft
-            )
+            with stage.phase("load"):
+                reward_model = load_reward_model(
+                    stage.final_stage(), c.model, stage.precision, peft_cfg=c.peft
+                )
         metrics: dict[str, Any] = dict(stage.final_record["train_metrics"])
 
         # 5. Held-out pairwise accuracy, margin distribution, and the toy probe.
-        scorer = RewardScorer(
-            reward_model, tokenizer, batch_size=knobs.per_device_batch_size * 2,
-            max_length=c.model.max_length,
-        )  # fmt: skip
-        chosen, rejected = scorer.score_pairs(pair_set.heldout)
-        metrics.update(margin_summary(chosen, rejected))
-        histogram = margin_histogram(chosen, rejected)
-        if c.data.pairs.source == "on_policy" or c.data.sft.source == "toy":
-            metrics.update(toy_probe(scorer, c.data.toy))
+        with stage.phase("eval"):
+            scorer = RewardScorer(
+                reward_model, tokenizer, batch_size=knobs.per_device_batch_size * 2,
+                max_length=c.model.max_length,
+            )  # fmt: skip
+            chosen, rejected = scorer.score_pairs(pair_set.heldout)
+            metrics.update(margin_summary(chosen, rejected))
+            histogram = margin_histogram(chosen, rejected)
+            if c.data.pairs.source == "on_policy" or c.data.sft.source == "toy":
+                metrics.update(toy_probe(scorer, c.data.toy))
         if pair_set.heldout:
             log.info(
                 "rm held-out pairwise accuracy %.3f on %d pairs (margin mean %.2f, p10 %.2f)",

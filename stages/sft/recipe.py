@@ -47,7 +47,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         tokenizer = load_tokenizer(base.path, c.model)
         if knobs.assistant_only_loss:  # a template without {% generation %}: fail before weights
             require_training_template(tokenizer, base.path)
-        sft_rows = load_sft_rows(c.data)
+        with stage.phase("data"):
+            sft_rows = load_sft_rows(c.data)
 
         # 2. Trainer arguments: TRL validates them (and trainer_overrides) before weights load.
         args = SFTConfig(
@@ -57,26 +58,28 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             packing=knobs.packing,
             dataset_num_proc=None,
         )
-        # Rows too long for max_length counted and dropped here, so the manifest is true.
-        train_rows, data_info = sft_rows_to_train(
-            sft_rows, tokenizer, args, c.data.max_dropped_fraction
-        )
-        # stage.validation_fraction of those prompts held out (written to validation.jsonl):
-        # evaluated every eval_steps, the best checkpoint becomes final/.
-        train_rows, validation_rows = hold_out_validation(stage, train_rows, sft_row_prompt)
+        with stage.phase("data"):
+            # Rows too long for max_length counted and dropped here, so the manifest is true.
+            train_rows, data_info = sft_rows_to_train(
+                sft_rows, tokenizer, args, c.data.max_dropped_fraction
+            )
+            # stage.validation_fraction of those prompts held out (written to validation.jsonl):
+            # evaluated every eval_steps, the best checkpoint becomes final/.
+            train_rows, validation_rows = hold_out_validation(stage, train_rows, sft_row_prompt)
 
         if stage.final_record is None:
             # 3. Model: full weights, a LoRA adapter, or LoRA on a 4-bit base.
             loaded = trainable_model(stage)
 
-            # 4. Train.
-            trainer = SFTTrainer(
-                model=loaded.model,
-                args=args,
-                train_dataset=train_rows,
-                eval_dataset=validation_rows,
-                processing_class=tokenizer,
-            )
+            # 4. Train (building the trainer tokenizes the rows: data time).
+            with stage.phase("data"):
+                trainer = SFTTrainer(
+                    model=loaded.model,
+                    args=args,
+                    train_dataset=train_rows,
+                    eval_dataset=validation_rows,
+                    processing_class=tokenizer,
+                )
             train_metrics = train_resumably(
                 stage, trainer, expected_rows=len(train_rows), args=args
             )
@@ -102,12 +105,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         samples: list[dict[str, Any]] = []
         task = resolve_task(c)
         if task is not None and not task.judge_needs_checkpoint:
-            eval_metrics, samples = task_metrics(
-                model, tokenizer, task, c.model, num_samples_logged=knobs.num_eval_samples_logged
-            )
-            metrics.update(eval_metrics)
-            # The other skills taught here: what the later stages' forgetting is measured from.
-            metrics.update(skill_metrics(model, tokenizer, task, c.model))
+            with stage.phase("eval"):
+                eval_metrics, samples = task_metrics(
+                    model,
+                    tokenizer,
+                    task,
+                    c.model,
+                    num_samples_logged=knobs.num_eval_samples_logged,
+                )
+                metrics.update(eval_metrics)
+                # The other skills taught here: later stages' forgetting is measured from these.
+                metrics.update(skill_metrics(model, tokenizer, task, c.model))
             if "eval/accuracy" in metrics:
                 log.info("sft held-out greedy accuracy: %.3f", metrics["eval/accuracy"])
 
