@@ -493,11 +493,10 @@ little below the steady state. Phases: the manifest's exclusive seconds per phas
 """
 
 NO_GPU_NOTE = """
-**No GPU was lent to this session: the table below is the `--tiny` CPU run** (tiny Qwen2
-shape, fp32, a few steps; QLoRA on CPU bitsandbytes). It shows the script works end to end;
-its speeds say nothing about a GPU. The GPU settings have not run on a GPU yet: their step
-counts and the 8-minute budget are estimates. Regenerate this file on a GPU with
-`make gpu-check`.
+**A `--tiny` CPU run, not a GPU measurement** (tiny Qwen2 shape, fp32, a few steps; QLoRA
+on CPU bitsandbytes). It shows the script works end to end; its speeds say nothing about a
+GPU. When this report was committed no GPU had run the GPU settings: their step counts and
+the 8-minute budget are estimates. Regenerate this file on a GPU with `make gpu-check`.
 """
 
 

@@ -126,7 +126,7 @@ def test_a_timed_out_stage_still_leaves_a_report(tmp_path) -> None:
     assert "| sft | none | ok |" in text and "| rm | none | timeout (180 s) |" in text
     assert "### rm / none: timeout (180 s)" in text and "step 3/20" in text
     assert "Summary: 1/3 stage runs ok; rm/none: timeout (180 s); ppo/none: skipped" in text
-    assert "No GPU was lent" in text
+    assert "A `--tiny` CPU run, not a GPU measurement" in text
     assert json.loads((tmp_path / "gpu.json").read_text())["rows"][1]["status"].startswith(
         "timeout"
     )
@@ -176,4 +176,4 @@ def test_tiny_mode_runs_every_stage_and_peft_mode_on_cpu(tmp_path) -> None:
             assert float(cells["generation tokens/s"]) > 0
         else:
             assert cells["generation tokens/s"] == "n/a"
-    assert "No GPU was lent" in (out / "gpu.md").read_text()
+    assert "A `--tiny` CPU run, not a GPU measurement" in (out / "gpu.md").read_text()
