@@ -558,7 +558,7 @@ Per round (runs alternate so background load hits both):
 # ----------------------------------------------------------------------------- --scale
 
 # (name, Llama shape, warm-up updates, timed updates). Few updates at the large shapes keep the
-# whole --scale run near 20 minutes alone on 2 cores; positions 256 fit prompt (<= 12) + 128.
+# whole --scale run to minutes on 2 cores; positions 256 fit prompt (<= 12) + 128.
 SCALE_SHAPES = [
     ("yardstick", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=4, vocab_size=64), 2, 8),

@@ -88,40 +88,24 @@ def compare_and_report(
     task's held-out prompts (and ``heldout_pairs``), reported by `report_comparison`."""
     assert stage.parent is not None  # only stages with a parent compare
     with stage.phase("eval"):
-        return _compare_and_report(
-            stage, policy, parent_policy, tokenizer, task, metrics, heldout_pairs=heldout_pairs
+        comparison = compare_with_parent(
+            policy,
+            parent_policy,
+            tokenizer,
+            task=task,
+            model_cfg=stage.cfg.model,
+            heldout_pairs=heldout_pairs,
+            seed=stage.cfg.seed,
+            policy_name=stage.name,
+            parent_name=stage.parent.stage,
         )
-
-
-def _compare_and_report(
-    stage: StageRun,
-    policy: torch.nn.Module,
-    parent_policy: torch.nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    task: Task | None,
-    metrics: dict[str, Any],
-    *,
-    heldout_pairs: list[dict[str, Any]] | None,
-) -> Comparison:
-    assert stage.parent is not None
-    comparison = compare_with_parent(
-        policy,
-        parent_policy,
-        tokenizer,
-        task=task,
-        model_cfg=stage.cfg.model,
-        heldout_pairs=heldout_pairs,
-        seed=stage.cfg.seed,
-        policy_name=stage.name,
-        parent_name=stage.parent.stage,
-    )
-    # What the stage kept of the SFT's other skills and held-out replies, next to its parent.
-    c = stage.cfg
-    sft = lineage_sft(stage.parent, c.paths.runs_root, c.experiment_name)
-    forgetting, rows = forgetting_metrics(policy, parent_policy, tokenizer, task, c.model, sft)
-    comparison = with_rows(comparison, forgetting, rows, stage.name, stage.parent.stage)
-    report_comparison(stage, comparison, metrics, heldout_pairs=heldout_pairs)
-    return comparison
+        # What the stage kept of the SFT's other skills and held-out replies, next to its parent.
+        c = stage.cfg
+        sft = lineage_sft(stage.parent, c.paths.runs_root, c.experiment_name)
+        forgetting, rows = forgetting_metrics(policy, parent_policy, tokenizer, task, c.model, sft)
+        comparison = with_rows(comparison, forgetting, rows, stage.name, stage.parent.stage)
+        report_comparison(stage, comparison, metrics, heldout_pairs=heldout_pairs)
+        return comparison
 
 
 def report_comparison(
